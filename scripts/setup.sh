@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up everything trio_qemu needs on a Debian 12 machine (as root): QEMU and busybox from
+# Debian's packages when missing, a venv in .venv, the package in editable mode with its
+# dev extra. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86 qemu-utils)
+[ -x /bin/busybox ] || command -v busybox >/dev/null || need_apt+=(busybox-static)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]} from Debian's packages"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$python" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import trio_qemu, pytest_trio, hypothesis, mypy, ruff' 2>/dev/null; then
+  echo "setup: installing trio_qemu (editable) with its dev extra"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+fi

@@ -1,0 +1,176 @@
+"""The exceptions trio_qemu raises.
+
+Every error a user sees is a :class:`MachineError` (or ``qemu.qmp.ExecuteError`` for a
+command QEMU refused). Protocol errors also derive from ``qemu.qmp``'s own classes, so code
+written against ``qemu.qmp`` keeps catching them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from qemu.qmp.error import ProtocolError, QMPError
+
+__all__ = [
+    "AbnormalShutdown",
+    "ConsoleFailure",
+    "ConsoleTimeout",
+    "EventsDropped",
+    "LaunchError",
+    "MachineError",
+    "MachineExited",
+    "QMPBadMessage",
+    "QMPConnectionClosed",
+    "QMPGreetingError",
+    "QMPNegotiationError",
+    "QMPProtocolError",
+    "QMPTimeout",
+    "QMPUnexpectedReply",
+]
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    """The last ``lines`` lines of ``text``, indented for an error message."""
+    kept = text.rstrip("\n").splitlines()[-lines:]
+    return "\n".join("    " + line for line in kept) if kept else "    (empty)"
+
+
+class MachineError(Exception):
+    """Base class of every error raised by trio_qemu."""
+
+
+class LaunchError(MachineError):
+    """QEMU could not be started, or exited or stalled before it was ready.
+
+    Carries the exit code (``None`` while QEMU still ran, e.g. on ``launch_timeout``),
+    the full command line and QEMU's own output so far.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        argv: Sequence[str] = (),
+        returncode: int | None = None,
+        output: str = "",
+        name: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.output = output
+        self.name = name
+        super().__init__(reason)
+
+    def __str__(self) -> str:
+        who = f"{self.name}: " if self.name else ""
+        parts = [f"{who}{self.reason}"]
+        if self.returncode is not None:
+            parts.append(f"  exit status: {self.returncode}")
+        if self.argv:
+            parts.append(f"  command line: {' '.join(self.argv)}")
+        parts.append("  QEMU output:\n" + _tail(self.output))
+        return "\n".join(parts)
+
+
+class MachineExited(MachineError):
+    """QEMU exited while the machine was in use and nobody asked it to.
+
+    ``returncode`` follows ``subprocess``: negative for a signal (-9 is SIGKILL).
+    """
+
+    def __init__(self, name: str, returncode: int | None, log_tail: str = "") -> None:
+        self.name = name
+        self.returncode = returncode
+        self.log_tail = log_tail
+        super().__init__(name, returncode, log_tail)
+
+    def __str__(self) -> str:
+        rc = self.returncode
+        how = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}"
+        return f"{self.name}: QEMU exited unexpectedly ({how})\n  QEMU output:\n" + _tail(
+            self.log_tail
+        )
+
+
+class AbnormalShutdown(MachineError):
+    """A graceful stop was asked for but failed; QEMU was killed instead.
+
+    The machine is gone and reaped when this is raised; ``__cause__`` says why the
+    graceful path failed when there was an exception.
+    """
+
+
+class ConsoleTimeout(MachineError, TimeoutError):
+    """``console.wait_for`` saw no match in time. ``tail`` is the console's recent output."""
+
+    def __init__(self, message: str, tail: bytes = b"") -> None:
+        self.tail = tail
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        text = self.tail.decode("utf-8", "replace")
+        return f"{self.args[0]}\n  console tail:\n" + _tail(text)
+
+
+class ConsoleFailure(MachineError):
+    """A fail pattern given to ``console.wait_for`` appeared before the awaited one."""
+
+    def __init__(self, message: str, match: object = None, tail: bytes = b"") -> None:
+        self.match = match
+        self.tail = tail
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        text = self.tail.decode("utf-8", "replace")
+        return f"{self.args[0]}\n  console tail:\n" + _tail(text)
+
+
+class EventsDropped(MachineError):
+    """A subscription's buffer was full and ``count`` events were not delivered to it.
+
+    Raised once by the next ``receive()``; the subscription goes on working after it.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        super().__init__(f"{count} event(s) dropped: the subscription's buffer was full")
+
+
+class QMPTimeout(MachineError, TimeoutError):
+    """A QMP exchange (greeting, negotiation or command) took longer than its timeout."""
+
+
+class QMPConnectionClosed(MachineError, QMPError):
+    """The QMP connection ended (EOF, or closed by us) while something still needed it."""
+
+
+class QMPProtocolError(MachineError, ProtocolError):
+    """The peer broke the QMP protocol. The connection is closed when this is raised."""
+
+    def __init__(self, message: str, raw: bytes | None = None) -> None:
+        super().__init__(message)
+        #: the offending bytes (shortened), when there were some
+        self.raw = raw
+
+    def __str__(self) -> str:
+        if self.raw is None:
+            return self.error_message
+        shown = self.raw if len(self.raw) <= 200 else self.raw[:200] + b"..."
+        return f"{self.error_message}\n  received: {shown!r}"
+
+
+class QMPGreetingError(QMPProtocolError):
+    """The first message was not a valid QMP greeting."""
+
+
+class QMPNegotiationError(QMPProtocolError):
+    """``qmp_capabilities`` was refused or answered with something else."""
+
+
+class QMPBadMessage(QMPProtocolError):
+    """A message was not JSON, not an object, not UTF-8, oversized, or cut short by EOF."""
+
+
+class QMPUnexpectedReply(QMPProtocolError):
+    """A reply had an id we never sent, or an error came back with no id at all."""

@@ -1,0 +1,114 @@
+"""Byte streams a QMP (or console) peer can sit on: socketpairs, unix and TCP sockets.
+
+QEMU's monitor is reached in one of three ways: a socketpair whose other end QEMU inherits
+(the default: no path, no port), a connection we make to a socket QEMU listens on, or a
+listener of ours that QEMU connects to (``server`` mode; only the first connection is taken).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+from typing import TypeAlias
+
+import trio
+
+from ._errors import QMPConnectionClosed, QMPTimeout
+
+__all__ = ["Address", "Listener", "connect", "socketpair_stream"]
+
+#: A unix socket path, or a TCP ``(host, port)``.
+Address: TypeAlias = "str | os.PathLike[str] | tuple[str, int]"
+
+
+def socketpair_stream(
+    kind: socket.SocketKind = socket.SOCK_STREAM,
+) -> tuple[trio.SocketStream, socket.socket]:
+    """A connected AF_UNIX pair: our end as a Trio stream, and the end to hand to QEMU.
+
+    The caller passes ``theirs.fileno()`` to QEMU with ``pass_fds`` and closes ``theirs``
+    once QEMU has started.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(ours)), theirs
+
+
+def _describe(address: Address) -> str:
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return os.fspath(address)
+
+
+async def connect(address: Address, *, timeout: float = 30.0) -> trio.SocketStream:
+    """Connect to a unix socket path or a TCP ``(host, port)``."""
+    try:
+        with trio.fail_after(timeout):
+            if isinstance(address, tuple):
+                host, port = address
+                return await trio.open_tcp_stream(host, port)
+            return await trio.open_unix_socket(os.fspath(address))
+    except trio.TooSlowError:
+        raise QMPTimeout(f"connecting to {_describe(address)} took more than {timeout} s") from None
+    except OSError as exc:
+        raise QMPConnectionClosed(f"cannot connect to {_describe(address)}: {exc}") from exc
+
+
+class Listener:
+    """A listening socket that accepts exactly one connection (QEMU's), then closes.
+
+    A unix socket file is removed when the listener closes. ``address`` gives the real
+    address (the chosen port when TCP port 0 was asked for).
+    """
+
+    def __init__(self, sock: trio.socket.SocketType, address: Address, path: str | None):
+        self._sock = sock
+        self.address = address
+        self._path = path
+
+    @classmethod
+    async def open(cls, address: Address) -> Listener:
+        """Bind and listen at ``address`` (an existing unix socket file is an error)."""
+        if isinstance(address, tuple):
+            host, port = address
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, type_, proto, _, sockaddr = infos[0]
+            sock = trio.socket.socket(family, type_, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await sock.bind(sockaddr)
+            sock.listen(1)
+            bound = sock.getsockname()
+            return cls(sock, (host, int(bound[1])), None)
+        path = os.fspath(address)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, f"socket path already in use: {path}") from exc
+            raise
+        sock.listen(1)
+        return cls(sock, path, path)
+
+    async def accept(self, *, timeout: float = 30.0) -> trio.SocketStream:
+        """Wait for the first connection, then stop listening."""
+        try:
+            with trio.fail_after(timeout):
+                conn, _ = await self._sock.accept()
+        except trio.TooSlowError:
+            raise QMPTimeout(
+                f"nobody connected to {_describe(self.address)} within {timeout} s"
+            ) from None
+        finally:
+            self.close()
+        return trio.SocketStream(conn)
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file. Idempotent."""
+        self._sock.close()
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+            self._path = None

@@ -1,0 +1,1 @@
+"""pytest fixtures for trio_qemu (registered through the ``pytest11`` entry point)."""
