@@ -4,8 +4,16 @@ The public surface is re-exported here explicitly; everything in the underscore 
 private and may change.
 """
 
+import logging as _logging
+
 from qemu.qmp import ExecuteError as ExecuteError
 
+from ._config import ChannelFds as ChannelFds
+from ._config import FdSpec as FdSpec
+from ._config import MachineConfig as MachineConfig
+from ._config import kvm_usable as kvm_usable
+from ._config import resolve_accel as resolve_accel
+from ._console import Console as Console
 from ._errors import AbnormalShutdown as AbnormalShutdown
 from ._errors import ConsoleFailure as ConsoleFailure
 from ._errors import ConsoleTimeout as ConsoleTimeout
@@ -13,6 +21,7 @@ from ._errors import EventsDropped as EventsDropped
 from ._errors import LaunchError as LaunchError
 from ._errors import MachineError as MachineError
 from ._errors import MachineExited as MachineExited
+from ._errors import MachineTimeout as MachineTimeout
 from ._errors import QMPBadMessage as QMPBadMessage
 from ._errors import QMPConnectionClosed as QMPConnectionClosed
 from ._errors import QMPGreetingError as QMPGreetingError
@@ -23,18 +32,31 @@ from ._errors import QMPUnexpectedReply as QMPUnexpectedReply
 from ._events import QMPEvent as QMPEvent
 from ._events import Subscription as Subscription
 from ._events import event_match as event_match
+from ._machine import Machine as Machine
+from ._machine import open_machine as open_machine
+from ._machine import open_machines as open_machines
+from ._machine import start_machine as start_machine
 from ._qmp import QMPClient as QMPClient
 from ._qmp import open_qmp as open_qmp
 
+# A library logs; the application decides where it goes.
+_logging.getLogger("trio_qemu").addHandler(_logging.NullHandler())
+
 __all__ = [
     "AbnormalShutdown",
+    "ChannelFds",
+    "Console",
     "ConsoleFailure",
     "ConsoleTimeout",
     "EventsDropped",
     "ExecuteError",
+    "FdSpec",
     "LaunchError",
+    "Machine",
+    "MachineConfig",
     "MachineError",
     "MachineExited",
+    "MachineTimeout",
     "QMPBadMessage",
     "QMPClient",
     "QMPConnectionClosed",
@@ -46,5 +68,10 @@ __all__ = [
     "QMPUnexpectedReply",
     "Subscription",
     "event_match",
+    "kvm_usable",
+    "open_machine",
+    "open_machines",
     "open_qmp",
+    "resolve_accel",
+    "start_machine",
 ]

@@ -16,9 +16,12 @@ __all__ = [
     "ConsoleFailure",
     "ConsoleTimeout",
     "EventsDropped",
+    "GuestBuildError",
+    "GuestCommandError",
     "LaunchError",
     "MachineError",
     "MachineExited",
+    "MachineTimeout",
     "QMPBadMessage",
     "QMPConnectionClosed",
     "QMPGreetingError",
@@ -26,6 +29,8 @@ __all__ = [
     "QMPProtocolError",
     "QMPTimeout",
     "QMPUnexpectedReply",
+    "ShellError",
+    "ShellTimeout",
 ]
 
 
@@ -91,6 +96,10 @@ class MachineExited(MachineError):
         return f"{self.name}: QEMU exited unexpectedly ({how})\n  QEMU output:\n" + _tail(
             self.log_tail
         )
+
+
+class MachineTimeout(MachineError, TimeoutError):
+    """A wait on the machine itself (e.g. ``wait()`` for QEMU to exit) ran out of time."""
 
 
 class AbnormalShutdown(MachineError):
@@ -174,3 +183,55 @@ class QMPBadMessage(QMPProtocolError):
 
 class QMPUnexpectedReply(QMPProtocolError):
     """A reply had an id we never sent, or an error came back with no id at all."""
+
+
+class GuestBuildError(MachineError):
+    """The tiny test guest could not be built (a Debian tool is missing or failed).
+
+    ``reason`` is the message; it says how to boot a kernel and initramfs of one's own.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class GuestCommandError(MachineError):
+    """A command run in the guest with ``check=True`` exited with a non-zero status.
+
+    Carries the ``command``, its ``returncode`` and its exact ``stdout`` and ``stderr``.
+    """
+
+    def __init__(self, command: str, returncode: int, stdout: bytes, stderr: bytes) -> None:
+        self.command = command
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(command, returncode, stdout, stderr)
+
+    def __str__(self) -> str:
+        text = (self.stderr or self.stdout)[-2000:].decode("utf-8", "replace")
+        return (
+            f"guest command {self.command!r} exited with status {self.returncode}\n"
+            "  its output:\n" + _tail(text)
+        )
+
+
+class ShellError(MachineError):
+    """The guest-shell channel failed: it closed (QEMU exited), the guest broke the
+    protocol, or a reply exceeded the shell's ``max_output``."""
+
+
+class ShellTimeout(ShellError, TimeoutError):
+    """A guest command outlived its timeout; it was killed and the shell stays usable.
+
+    ``stdout`` and ``stderr`` hold what the command wrote before it was killed, when the
+    guest sent it back in time (else empty).
+    """
+
+    def __init__(self, message: str, *, command: str = "", stdout: bytes = b"",
+                 stderr: bytes = b"") -> None:
+        self.command = command
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(message)

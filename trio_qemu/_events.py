@@ -53,6 +53,15 @@ def event_match(event: object, match: object = None) -> bool:
     return bool(event == match)
 
 
+def only_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is a ``trio.Cancelled`` or a group holding nothing else."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return False
+
+
 def _copy_error(error: BaseException) -> BaseException:
     """A fresh copy of ``error`` to raise in one more task (one instance raised in many tasks
     grows a shared traceback)."""
@@ -241,7 +250,10 @@ class EventHub:
     ) -> Subscription:
         """Subscribe to the events called ``names`` (all events when none are given)."""
         sub = Subscription(
-            self, frozenset(names) if names else None, match, buffer or self.default_buffer
+            self,
+            frozenset(names) if names else None,
+            match,
+            self.default_buffer if buffer is None else buffer,
         )
         if self._closed:
             sub._send.close()
@@ -266,10 +278,11 @@ class EventHub:
         and the hub's error (or :class:`~trio_qemu.QMPConnectionClosed`) once it is closed.
         """
         waiter = _Waiter(tuple(pairs))
+        await trio.lowlevel.checkpoint_if_cancelled()  # before claiming: a cancel loses nothing
         for event in self._unclaimed:
             if waiter.accepts(event):
                 self._unclaimed.remove(event)
-                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return event
         if self._closed:
             await trio.lowlevel.checkpoint()

@@ -18,9 +18,10 @@ import array
 import itertools
 import logging
 import math
+import os
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -37,7 +38,7 @@ from ._errors import (
     QMPTimeout,
     QMPUnexpectedReply,
 )
-from ._events import EventHub, QMPEvent, Subscription, _copy_error
+from ._events import EventHub, QMPEvent, Subscription, _copy_error, only_cancelled
 from ._transport import Address, Listener, connect
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "QMPClient", "open_qmp"]
@@ -82,7 +83,8 @@ class _LineReader:
         while (nl := buf.find(b"\n", scan)) >= 0:
             if nl - start > self._max:
                 raise QMPBadMessage(
-                    f"message larger than the limit of {self._max} bytes", bytes(buf[start:200])
+                    f"message larger than the limit of {self._max} bytes",
+                    bytes(buf[start : start + 200]),
                 )
             line = bytes(buf[start:nl])
             if line.strip():
@@ -143,6 +145,8 @@ class QMPClient:
         self._stream = stream
         self._reader = _LineReader(stream, max_message_size)
         self._send_lock = trio.StrictFIFOLock()
+        # The socket's fd for the fast send path (None: not a socket stream; use send_all).
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._ids = itertools.count(1)
         self._pending: dict[object, _Pending] = {}
         self._abandoned: set[object] = set()
@@ -219,7 +223,7 @@ class QMPClient:
             error = QMPTimeout(f"{self.name}: no QMP greeting/negotiation within {timeout} s")
             self.fail(error)
             raise error from None
-        except QMPProtocolError as exc:
+        except (QMPProtocolError, QMPConnectionClosed) as exc:  # EOF: closed as documented
             self.fail(exc)
             raise
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -263,11 +267,18 @@ class QMPClient:
         except Exception as exc:  # not JSON, not an object, not UTF-8 (qemu.qmp's errors)
             raise QMPBadMessage(f"malformed QMP message: {exc}", line) from exc
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        *,
+        on_eof: Callable[[], Awaitable[None]] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Read until EOF, routing replies and events. Returns when the connection ends.
 
         It never raises for a bad peer: the error is kept in :attr:`error` and raised to
         every pending call and wait instead. Cancel it (or ``close()``) to stop it.
+        ``on_eof`` runs at EOF before pending calls are failed, so an owner can fail them
+        with a better reason first (a machine waits to learn QEMU's exit status).
         """
         task_status.started()
         reader = self._reader
@@ -276,6 +287,8 @@ class QMPClient:
                 line = await reader.next_line()
                 if line is None:
                     log.debug("%s: EOF", self.name)
+                    if on_eof is not None:
+                        await on_eof()
                     self.fail(None)
                     return
                 self._dispatch(line)
@@ -283,6 +296,9 @@ class QMPClient:
             log.warning("%s: %s; closing the connection", self.name, exc)
             self.fail(exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            # ECONNRESET: the peer died with our bytes unread. For the owner that is an EOF.
+            if not self._closed and on_eof is not None:
+                await on_eof()
             if not self._closed:
                 closed = QMPConnectionClosed(f"{self.name}: the QMP connection broke: {exc!r}")
                 closed.__cause__ = exc
@@ -294,18 +310,21 @@ class QMPClient:
         self._record("<-", line)
         msg = self._decode(line)
         if "event" in msg:
+            if not isinstance(msg["event"], str):  # unhashable names broke subscriptions
+                raise QMPBadMessage("an event whose name is not a string", line)
             self.events.publish(msg)
             return
         if "return" not in msg and "error" not in msg:
             raise QMPBadMessage("message is neither a reply nor an event", line)
-        try:
-            msg_id = msg["id"]
-            slot = self._pending.pop(msg_id, None)
-        except KeyError:
+        if "id" not in msg:
             what = "an error" if "error" in msg else "a reply"
-            raise QMPUnexpectedReply(f"{what} with no id", line) from None
-        except TypeError:  # an unhashable id (list, object) can't be one of ours
-            raise QMPUnexpectedReply("a reply with an id we never sent", line) from None
+            raise QMPUnexpectedReply(f"{what} with no id", line)
+        msg_id = msg["id"]
+        # Our ids are ints. Anything else was never sent, even when it compares equal to one
+        # (true, 1.0) or can't be hashed (a list: `{}.pop([])` passes, `[] in set()` raises).
+        if type(msg_id) is not int:
+            raise QMPUnexpectedReply(f"a reply with an id we never sent ({msg_id!r})", line)
+        slot = self._pending.pop(msg_id, None)
         if slot is None:
             if msg_id in self._abandoned:
                 self._abandoned.discard(msg_id)
@@ -317,26 +336,54 @@ class QMPClient:
     # -- writing -------------------------------------------------------------------------
     async def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send one whole message. Shielded so a cancel can't leave half a message on the wire;
-        bounded by the client timeout, after which the connection is failed."""
+        bounded by the client timeout and by the caller's deadlines (a call's ``timeout``),
+        after either of which the connection is failed.
+
+        Fast path: when nobody else is sending, the bytes go out with one non-blocking write
+        and no scheduler round trip (a QMP call's latency is mostly such round trips). That
+        path does not checkpoint; every caller awaits the reply right after, which does.
+        """
         if self._closed:
             raise self._closed_error("cannot send")
-        async with self._send_lock:
-            with trio.CancelScope(shield=True) as scope:
-                scope.relative_deadline = self.timeout
+        if self._fd is not None and not fds and not self._send_lock.locked():
+            self._send_lock.acquire_nowait()
+            try:
                 try:
-                    if fds:
-                        await self._send_with_fds(data, fds)
-                    else:
-                        await self._stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    sent = os.write(self._fd, data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
                     closed = QMPConnectionClosed(f"{self.name}: cannot send: {exc!r}")
                     self.fail(closed)
                     raise closed from exc
-            if scope.cancelled_caught:
-                stalled = QMPTimeout(f"{self.name}: the peer stopped reading (send stalled)")
-                self.fail(stalled)
-                raise stalled
+                if sent < len(data):
+                    await self._send_shielded(data[sent:], ())
+            finally:
+                self._send_lock.release()
+        else:
+            async with self._send_lock:
+                await self._send_shielded(data, fds)
         self._record("->", data)
+
+    async def _send_shielded(self, data: bytes, fds: Sequence[int]) -> None:
+        deadline = min(trio.current_time() + self.timeout, trio.current_effective_deadline())
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+            try:
+                if fds:
+                    await self._send_with_fds(data, fds)
+                else:
+                    await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                closed = QMPConnectionClosed(f"{self.name}: cannot send: {exc!r}")
+                self.fail(closed)
+                raise closed from exc
+        if scope.cancelled_caught:
+            stalled = QMPTimeout(f"{self.name}: the peer stopped reading (send stalled)")
+            self.fail(stalled)
+            # A caller's deadline passed: let its own scope end it (a call then raises the
+            # connection's error, this QMPTimeout); else the client timeout did it.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            raise stalled
 
     async def _send_with_fds(self, data: bytes, fds: Sequence[int]) -> None:
         stream = self._stream
@@ -474,8 +521,10 @@ async def open_qmp(
     =False`` skips the greeting and negotiation (the guest agent has neither). ``options``
     go to :class:`QMPClient`.
 
-    If the peer breaks the protocol or hangs up while the block runs, the block is cancelled
-    and the connection's error is raised. The stream is closed on the way out.
+    If the peer breaks the protocol while the block runs, the block is cancelled and that
+    error is raised. After a clean hang-up (e.g. after ``quit``) calls and waits raise
+    :class:`~trio_qemu.QMPConnectionClosed` and subscriptions end, but the block itself is
+    not interrupted. The stream is closed on the way out.
     """
     if isinstance(target, trio.abc.Stream):
         stream: trio.abc.Stream = target
@@ -510,7 +559,7 @@ async def open_qmp(
                 body_error = exc
             nursery.cancel_scope.cancel()
         if body_error is not None:
-            if isinstance(body_error, trio.Cancelled) and client.error is not None:
+            if only_cancelled(body_error) and client.error is not None:
                 raise _copy_error(client.error)
             raise body_error
         if client.error is not None and reader_done.is_set():

@@ -1,0 +1,229 @@
+"""Shared helpers for the benchmarks (not part of the package).
+
+- :func:`running_qemu` starts ``qemu-system-x86_64 -machine none`` with one or more QMP
+  monitors, each on a socketpair (no paths, no ports), and kills it by pid on the way out.
+- :func:`median`, :func:`ratio`, :func:`print_table` and :func:`print_ratios` print results.
+- :func:`write_results` saves them as ``benchmarks/results/<name>.json``.
+- :func:`quiet_logging` puts every logger at WARNING, so no client pays for debug output.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BASE_ARGS",
+    "RESULTS_DIR",
+    "QemuProcess",
+    "environment",
+    "median",
+    "print_ratios",
+    "print_table",
+    "qemu_binary",
+    "quiet_logging",
+    "ratio",
+    "running_qemu",
+    "write_results",
+]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: ``-machine none``: no guest, no devices; QMP answers ~25 ms after start.
+BASE_ARGS = ("-machine", "none", "-nodefaults", "-display", "none", "-accel", "tcg")
+
+
+def qemu_binary() -> str:
+    """``$TRIO_QEMU_BENCH_QEMU`` or ``qemu-system-x86_64`` from ``PATH``."""
+    name = os.environ.get("TRIO_QEMU_BENCH_QEMU", "qemu-system-x86_64")
+    path = shutil.which(name)
+    if path is None:
+        raise SystemExit(f"benchmark needs {name} on PATH")
+    return path
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: SIGKILL the child if we die without reaching our ``finally``."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class QemuProcess:
+    """A running QEMU and our ends of its monitor socketpairs (one per monitor)."""
+
+    proc: subprocess.Popen[bytes]
+    monitors: list[socket.socket]
+    argv: list[str]
+    _stderr: Any = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def take_monitor(self) -> socket.socket:
+        """Hand over the next unused monitor socket (the caller owns and closes it)."""
+        if not self.monitors:
+            raise RuntimeError("no unused monitor left; start QEMU with more monitors")
+        return self.monitors.pop(0)
+
+    def stderr_text(self) -> str:
+        self._stderr.seek(0)
+        data: bytes = self._stderr.read()
+        return data.decode("utf-8", "replace")
+
+    def kill(self) -> None:
+        """SIGKILL by pid, reap, close our unused sockets. Safe to call twice."""
+        if self.proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        for sock in self.monitors:
+            sock.close()
+        self.monitors.clear()
+        self._stderr.close()
+
+
+def start_qemu(monitors: int = 1, extra_args: Sequence[str] = ()) -> QemuProcess:
+    """Start a ``-machine none`` QEMU with ``monitors`` QMP monitors on socketpairs.
+
+    QEMU keeps running when a monitor peer hangs up: always :meth:`QemuProcess.kill` it
+    (or use :func:`running_qemu`).
+    """
+    if monitors < 1:
+        raise ValueError("need at least one monitor")
+    argv = [qemu_binary(), *BASE_ARGS]
+    ours: list[socket.socket] = []
+    theirs: list[socket.socket] = []
+    try:
+        for i in range(monitors):
+            mine, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours.append(mine)
+            theirs.append(child)
+            argv += [
+                "-chardev", f"socket,id=mon{i},fd={child.fileno()}",
+                "-mon", f"chardev=mon{i},mode=control",
+            ]  # fmt: skip
+        argv += list(extra_args)
+        stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as QEMU
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                pass_fds=[s.fileno() for s in theirs],
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        except BaseException:
+            stderr.close()
+            raise
+    except BaseException:
+        for sock in ours:
+            sock.close()
+        raise
+    finally:
+        for sock in theirs:
+            sock.close()
+    return QemuProcess(proc, ours, argv, stderr)
+
+
+@contextmanager
+def running_qemu(monitors: int = 1, extra_args: Sequence[str] = ()) -> Iterator[QemuProcess]:
+    """:func:`start_qemu`, killed by pid in ``finally``; an early exit is reported."""
+    qemu = start_qemu(monitors, extra_args)
+    try:
+        yield qemu
+    except BaseException:
+        if qemu.proc.poll() is not None:
+            print(
+                f"QEMU (pid {qemu.pid}) exited with {qemu.proc.returncode}:\n{qemu.stderr_text()}",
+                file=sys.stderr,
+            )
+        raise
+    finally:
+        qemu.kill()
+
+
+def quiet_logging() -> None:
+    """WARNING for the root logger and for every client's logger alike."""
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("", "qemu", "qemu.qmp", "trio_qemu", "asyncio", "trio"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def print_table(rows: Sequence[tuple[str, float, Sequence[float]]], unit: str = "ops/s") -> None:
+    """One line per ``(label, median, runs)``."""
+    width = max(len(label) for label, _, _ in rows)
+    for label, med, runs in rows:
+        spread = f"min {min(runs):,.0f}  max {max(runs):,.0f}" if runs else ""
+        print(f"  {label:<{width}}  {med:>12,.0f} {unit}   ({spread})")
+
+
+def print_ratios(pairs: Mapping[str, float]) -> None:
+    width = max(len(label) for label in pairs)
+    for label, value in pairs.items():
+        print(f"  {label:<{width}}  {value:6.2f}x")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Where the numbers come from."""
+    try:
+        out = subprocess.run(
+            [qemu_binary(), "--version"], capture_output=True, text=True, check=True
+        ).stdout
+        qemu_version = out.splitlines()[0] if out else None
+    except (OSError, subprocess.CalledProcessError):
+        qemu_version = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "qemu": qemu_version,
+        "trio": _version("trio"),
+        "qemu.qmp": _version("qemu.qmp"),
+        "trio-qemu": _version("trio-qemu"),
+    }
+
+
+def write_results(name: str, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` (plus :func:`environment`) to ``benchmarks/results/<name>.json``."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    payload = {"benchmark": name, "environment": environment(), **data}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    return path

@@ -1,0 +1,463 @@
+"""Commands in the guest: the protocol against a scripted fake agent, then the real guest.
+
+The fake agent (a Trio task on the other end of an in-memory stream) plays the guest side
+of the protocol badly on purpose: junk lines, stale results, overlong lines, bad base64, a
+closed channel. The real-guest tests boot the tiny guest once per test (about 2 s under
+TCG) and build :class:`Shell` on the machine's shell channel.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import pytest
+import trio
+import trio.testing
+
+from trio_qemu import Machine, MachineError, open_machine
+from trio_qemu._errors import GuestCommandError, ShellError, ShellTimeout
+from trio_qemu._shell import GuestResult, Shell
+from trio_qemu.guest import GuestImage, build_guest
+
+BOOT_TIMEOUT = 60.0
+
+# --- a scripted fake agent ------------------------------------------------------------------
+
+Request = list[bytes]
+Handler = Callable[[Request, trio.abc.Stream], Awaitable[None]]
+
+
+def b64(data: bytes) -> bytes:
+    """Base64 wrapped at 76 characters per line, like busybox's ``base64``."""
+    text = base64.b64encode(data)
+    return b"".join(text[i : i + 76] + b"\n" for i in range(0, len(text), 76))
+
+
+def result(rid: bytes, rc: int, out: bytes = b"", err: bytes = b"") -> bytes:
+    """A well-formed result frame."""
+    return (
+        b"#B %s %d %d %d\n" % (rid, rc, len(out), len(err))
+        + b64(out)
+        + b"#M %s\n" % rid
+        + b64(err)
+        + b"#E %s %d\n" % (rid, rc)
+    )
+
+
+async def fake_agent(stream: trio.abc.Stream, handler: Handler) -> None:
+    """Read request lines (skipping blank ones and stdin payloads) and hand them on."""
+    buffer = b""
+    while True:
+        while b"\n" not in buffer:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            buffer += chunk
+        line, buffer = buffer.split(b"\n", 1)
+        if not line:
+            continue
+        fields = line.split(b" ")
+        if fields[0] == b"R" and int(fields[3]):
+            length = int(fields[3]) + 1
+            while len(buffer) < length:
+                buffer += await stream.receive_some(65536)
+            fields.append(base64.b64decode(buffer[:length]))
+            buffer = buffer[length:]
+        await handler(fields, stream)
+
+
+async def echo_handler(fields: Request, stream: trio.abc.Stream) -> None:
+    """Answer pings; run requests "succeed" with the command as stdout, stdin as stderr."""
+    if fields[0] == b"P":
+        await stream.send_all(b"#P %s\n" % fields[1])
+    elif fields[0] == b"R":
+        command = b"" if fields[4] == b"-" else base64.b64decode(fields[4])
+        stdin = fields[6] if len(fields) > 6 else b""
+        await stream.send_all(result(fields[1], 0, command, stdin))
+
+
+class MakeShell(Protocol):
+    def __call__(self, handler: Handler, **kwargs: Any) -> Shell: ...
+
+
+@pytest.fixture
+def fake(nursery: trio.Nursery) -> MakeShell:
+    """Make a Shell talking to a fake agent run by ``handler`` in the test's nursery."""
+
+    def make(handler: Handler, **kwargs: Any) -> Shell:
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(fake_agent, theirs, handler)
+        return Shell(ours, **kwargs)
+
+    return make
+
+
+async def test_request_format_and_result(fake: MakeShell) -> None:
+    shell = fake(echo_handler)
+    await shell.wait_ready(timeout=5)
+    assert shell.ready
+    command = "printf '%s' \"$x\" | tr a b # ü\n"
+    got = await shell.run(command, stdin=bytes(range(256)))
+    assert got == GuestResult(command, 0, command.encode(), bytes(range(256)))
+    assert (await shell.run("")).stdout == b""  # an empty command is sent as "-"
+
+
+async def test_junk_stale_results_and_long_lines_are_skipped(
+    fake: MakeShell,
+) -> None:
+    async def noisy(fields: Request, stream: trio.abc.Stream) -> None:
+        if fields[0] != b"R":
+            return
+        rid = fields[1]
+        await stream.send_all(
+            b"junk that is not protocol\n"
+            + b"x" * 200_000  # an overlong line: dropped, with its end
+            + b" still junk #E "
+            + rid
+            + b" 0\n"
+            + result(b"stale-1", 137, b"old output")  # a killed command's late result
+            + b"#P old\n#R 42\n"
+            + b"#B stale-2 0 1000 0\nQUJD\n"  # a stale result cut short by ours
+            + result(rid, 3, b"\x00\xff\n", b"err")
+        )
+
+    shell = fake(noisy)
+    got = await shell.run("whatever")
+    assert (got.returncode, got.stdout, got.stderr) == (3, b"\x00\xff\n", b"err")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"#B {rid} 0 3 0\n!!!!\n#M {rid}\n#E {rid} 0\n",  # not base64
+        b"#B {rid} 0 5 0\nQUJD\n#M {rid}\n#E {rid} 0\n",  # shorter than announced
+        b"#B {rid} 0 3 0\nQUJD\nQUJD\n#M {rid}\n#E {rid} 0\n",  # longer than announced
+        b"#B {rid} zero 3 0\n",  # a malformed header
+    ],
+)
+async def test_broken_results_raise_and_resync(fake: MakeShell, frame: bytes) -> None:
+    calls = 0
+
+    async def broken_once(fields: Request, stream: trio.abc.Stream) -> None:
+        nonlocal calls
+        if fields[0] == b"R":
+            calls += 1
+            if calls == 1:
+                await stream.send_all(frame.replace(b"{rid}", fields[1]))
+            else:
+                await stream.send_all(result(fields[1], 0, b"fine"))
+
+    shell = fake(broken_once)
+    with pytest.raises(ShellError):
+        await shell.run("one")
+    assert (await shell.run("two")).stdout == b"fine"
+
+
+async def test_max_output(fake: MakeShell) -> None:
+    async def big(fields: Request, stream: trio.abc.Stream) -> None:
+        if fields[0] == b"R":
+            assert fields[2] == b"100"  # the limit travels with the request
+            rid = fields[1]
+            if base64.b64decode(fields[4]) == b"guest-checked":
+                await stream.send_all(b"#X %s 0 500 20\n" % rid)
+            else:  # a guest that ignores the limit: the header alone is refused
+                await stream.send_all(result(rid, 0, b"y" * 500))
+            await stream.send_all(result(b"late", 0) + b"#P x\n")
+
+    shell = fake(big, max_output=100)
+    with pytest.raises(ShellError, match="500 bytes to stdout and 20 to stderr"):
+        await shell.run("guest-checked")
+    with pytest.raises(ShellError, match="more output than max_output"):
+        await shell.run("guest-ignored")
+
+
+async def test_timeout_kills_and_keeps_partial_output(fake: MakeShell) -> None:
+    killed: list[bytes] = []
+
+    async def slow(fields: Request, stream: trio.abc.Stream) -> None:
+        if fields[0] == b"K":
+            assert fields[1] == fields[2]
+            killed.append(fields[1])
+            await stream.send_all(result(fields[1], 137, b"partial"))
+        elif fields[0] == b"R" and base64.b64decode(fields[4]) != b"sleep":
+            await stream.send_all(result(fields[1], 0, b"ok"))
+
+    shell = fake(slow)
+    start = time.monotonic()
+    with pytest.raises(ShellTimeout) as info:
+        await shell.run("sleep", timeout=0.2)
+    assert time.monotonic() - start < 2
+    assert isinstance(info.value, TimeoutError) and isinstance(info.value, MachineError)
+    assert (info.value.command, info.value.stdout) == ("sleep", b"partial")
+    assert len(killed) == 1
+    assert (await shell.run("next")).stdout == b"ok"
+
+
+async def test_timeout_without_kill_confirmation(fake: MakeShell) -> None:
+    async def deaf(fields: Request, stream: trio.abc.Stream) -> None:
+        if fields[0] == b"R" and base64.b64decode(fields[4]) == b"next":
+            await stream.send_all(result(fields[1], 0, b"ok"))
+
+    shell = fake(deaf, kill_timeout=0.3)
+    start = time.monotonic()
+    with pytest.raises(ShellTimeout) as info:
+        await shell.run("hang", timeout=0.2)
+    assert 0.4 < time.monotonic() - start < 2
+    assert info.value.stdout == b""
+    assert (await shell.run("next")).stdout == b"ok"
+
+
+async def test_wait_ready_pings_again_when_the_agent_starts(
+    fake: MakeShell,
+) -> None:
+    pings: list[bytes] = []
+
+    async def late_start(fields: Request, stream: trio.abc.Stream) -> None:
+        pings.append(fields[1])
+        if len(pings) == 1:  # "not running yet": the first ping is lost
+            await stream.send_all(b"#R 123\n")
+        else:
+            await stream.send_all(b"#P %s\n" % fields[1])
+
+    shell = fake(late_start)
+    start = time.monotonic()
+    await shell.wait_ready(timeout=5)
+    assert time.monotonic() - start < 0.2  # no waiting for the retry interval
+    assert len(pings) == 2 and pings[0] != pings[1]
+
+
+async def test_wait_ready_timeout(fake: MakeShell) -> None:
+    async def silent(fields: Request, stream: trio.abc.Stream) -> None:
+        pass
+
+    shell = fake(silent)
+    with pytest.raises(ShellTimeout, match=r"did not answer within 0\.5 s"):
+        await shell.wait_ready(timeout=0.5)
+
+
+async def test_end_of_file_and_close() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    shell = Shell(ours)
+    async with trio.open_nursery() as nursery:
+
+        async def close_peer() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            await theirs.aclose()
+
+        nursery.start_soon(close_peer)
+        with pytest.raises(ShellError, match="end of file"):
+            await shell.run("x")
+
+    # An owner's on_eof hook can replace the bare end-of-file error with its own.
+    ours, theirs = trio.testing.memory_stream_pair()
+    died = MachineError("QEMU exited: killed by signal 9")
+
+    async def on_eof() -> None:
+        shell.close(died)
+
+    shell = Shell(ours, on_eof=on_eof)
+    await theirs.aclose()
+    with pytest.raises(MachineError, match="signal 9"):
+        await shell.run("x")
+
+    ours, theirs = trio.testing.memory_stream_pair()
+    shell = Shell(ours)
+    error = MachineError("QEMU died")
+    async with trio.open_nursery() as nursery:
+
+        async def close_shell() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            shell.close(error)
+
+        nursery.start_soon(close_shell)
+        with pytest.raises(MachineError, match="QEMU died") as info:
+            await shell.run("x")
+    assert info.value is not error  # a copy per raise
+    assert shell.closed
+    with pytest.raises(MachineError, match="QEMU died"):
+        await shell.wait_ready()
+
+
+async def test_concurrent_runs_are_serialised(fake: MakeShell) -> None:
+    active = 0
+
+    async def one_at_a_time(fields: Request, stream: trio.abc.Stream) -> None:
+        nonlocal active
+        if fields[0] == b"R":
+            active += 1
+            assert active == 1
+            await trio.sleep(0.001)
+            active -= 1
+            await stream.send_all(result(fields[1], 0, base64.b64decode(fields[4])))
+
+    shell = fake(one_at_a_time)
+    outputs: dict[int, bytes] = {}
+
+    async def run(i: int) -> None:
+        outputs[i] = (await shell.run(f"cmd {i}")).stdout
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(run, i)
+    assert outputs == {i: f"cmd {i}".encode() for i in range(20)}
+
+
+def test_check_returncode() -> None:
+    ok = GuestResult("true", 0, b"", b"")
+    ok.check_returncode()
+    bad = GuestResult("false", 1, b"out", b"err")
+    with pytest.raises(GuestCommandError, match="'false' exited with status 1") as info:
+        bad.check_returncode()
+    error = info.value
+    assert (error.command, error.returncode, error.stdout, error.stderr) == (
+        "false", 1, b"out", b"err",
+    )  # fmt: skip
+    assert "stdout=b'out'" in repr(bad)
+
+
+# --- the real guest ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestImage:
+    """The tiny guest from the user's cache (built once if needed)."""
+    return build_guest()
+
+
+@pytest.fixture
+async def vm(guest: GuestImage) -> AsyncIterator[Machine]:
+    async with open_machine(guest.config()) as machine:
+        yield machine
+
+
+@pytest.fixture
+async def shell(vm: Machine) -> Shell:
+    shell = Shell(vm.channel("shell"), name=f"{vm.name}.shell")
+    await shell.wait_ready(timeout=BOOT_TIMEOUT)
+    return shell
+
+
+async def test_exit_codes_and_streams(shell: Shell) -> None:
+    for code in (0, 1, 42):
+        got = await shell.run(f"echo out{code}; echo err{code} >&2; exit {code}")
+        assert (got.returncode, got.stdout, got.stderr) == (
+            code, f"out{code}\n".encode(), f"err{code}\n".encode(),
+        )  # fmt: skip
+    assert (await shell.run("false")).returncode == 1
+    assert (await shell.run("kill -9 $$")).returncode == 137
+
+
+async def test_all_byte_values(shell: Shell) -> None:
+    escapes = "".join(f"\\{value:03o}" for value in range(256))
+    assert (await shell.run(f"printf '{escapes}'")).stdout == bytes(range(256))
+    assert (await shell.run("cat", stdin=bytes(range(256)))).stdout == bytes(range(256))
+    # The command itself may hold any character but NUL.
+    weird = "".join(chr(c) for c in range(1, 128)) + "é€"
+    got = await shell.run("cat >/tmp/w <<'EOF'\n" + weird + "\nEOF\ncat /tmp/w")
+    assert got.stdout == weird.encode() + b"\n"
+
+
+async def test_one_mebibyte_exact(shell: Shell) -> None:
+    start = time.monotonic()
+    got = await shell.run("yes 0123456789abcdef | head -c 1048576")
+    assert got.stdout == (b"0123456789abcdef\n" * (1 + (1 << 20) // 17))[: 1 << 20]
+    data = os.urandom(1 << 20)
+    got = await shell.run("cat; cat /dev/null >&2", stdin=data)
+    assert got.stdout == data and got.stderr == b""
+    got = await shell.run("cat >&2", stdin=data)
+    assert got.stderr == data and got.stdout == b""
+    print(f"3 MiB through the shell in {time.monotonic() - start:.2f} s")
+
+
+async def test_timeout_kills_the_command_and_the_shell_stays_usable(shell: Shell) -> None:
+    start = time.monotonic()
+    with pytest.raises(ShellTimeout) as info:
+        await shell.run("echo started; sleep 300 & sleep 301", timeout=1.0)
+    elapsed = time.monotonic() - start
+    assert 1.0 <= elapsed < 5
+    assert info.value.stdout == b"started\n"
+    assert (await shell.run("echo ok")).stdout == b"ok\n"
+    # The whole process group is gone, the background sleep too.
+    processes = (await shell.run("ps -o args")).stdout
+    assert b"sleep 30" not in processes
+
+
+async def test_ten_concurrent_runs(shell: Shell) -> None:
+    results: dict[int, GuestResult] = {}
+
+    async def run(i: int) -> None:
+        results[i] = await shell.run(f"echo {i}; echo e{i} >&2; usleep {(10 - i) * 1000}; exit {i}")
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(run, i)
+    for i in range(10):
+        assert (results[i].returncode, results[i].stdout, results[i].stderr) == (
+            i, f"{i}\n".encode(), f"e{i}\n".encode(),
+        )  # fmt: skip
+
+
+async def test_check_raises_guest_command_error(shell: Shell) -> None:
+    with pytest.raises(GuestCommandError) as info:
+        await shell.run("echo so; echo sad >&2; exit 3", check=True)
+    error = info.value
+    assert (error.command, error.returncode, error.stdout, error.stderr) == (
+        "echo so; echo sad >&2; exit 3", 3, b"so\n", b"sad\n",
+    )  # fmt: skip
+    assert isinstance(error, MachineError)
+    assert (await shell.run("true", check=True)).returncode == 0
+
+
+async def test_background_processes_do_not_hold_the_result(shell: Shell) -> None:
+    start = time.monotonic()
+    got = await shell.run("sleep 100 >/dev/null 2>&1 & echo started")
+    assert got.stdout == b"started\n" and time.monotonic() - start < 5
+
+
+async def test_max_output_in_the_guest(vm: Machine) -> None:
+    shell = Shell(vm.channel("shell"), max_output=1000)
+    await shell.wait_ready(timeout=BOOT_TIMEOUT)
+    assert len((await shell.run("head -c 1000 /dev/zero")).stdout) == 1000
+    with pytest.raises(ShellError, match="more than max_output=1000"):
+        await shell.run("head -c 999 /dev/zero; echo too much >&2")
+    assert (await shell.run("echo after")).stdout == b"after\n"
+
+
+async def test_run_before_the_agent_is_up(vm: Machine) -> None:
+    """A request sent while the guest still boots waits in the channel until it is read."""
+    shell = Shell(vm.channel("shell"))
+    got = await shell.run("cat /proc/uptime", timeout=BOOT_TIMEOUT)
+    assert got.returncode == 0 and not shell.ready
+
+
+async def test_round_trips_per_second(shell: Shell) -> None:
+    count = 40
+    start = time.monotonic()
+    for _ in range(count):
+        await shell.run("true")
+    rate = count / (time.monotonic() - start)
+    print(f"shell.run('true'): {rate:.0f} round trips/s")
+    assert rate > 5
+
+
+async def test_qemu_dying_ends_a_pending_run(guest: GuestImage, nursery: trio.Nursery) -> None:
+    """No hang: QEMU's death ends a run that waits for a result, within moments."""
+
+    async def kill_qemu(vm: Machine) -> None:
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert vm.pid is not None
+        os.kill(vm.pid, signal.SIGKILL)
+
+    start = time.monotonic()
+    with trio.fail_after(30), pytest.raises(MachineError):
+        async with open_machine(guest.config()) as vm:
+            shell = Shell(vm.channel("shell"))
+            await shell.wait_ready(timeout=BOOT_TIMEOUT)
+            nursery.start_soon(kill_qemu, vm)
+            await shell.run("sleep 300", timeout=120)
+    assert time.monotonic() - start < 15
