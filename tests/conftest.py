@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import pytest
 import trio
 
+from trio_qemu._events import only_cancelled
 from trio_qemu._transport import socketpair_stream
 
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
@@ -21,6 +25,34 @@ async def _kill(process: trio.Process) -> None:
     process.kill()
     with trio.CancelScope(shield=True):
         await process.wait()
+
+
+def _fail_on_escaped_cancel(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Make a ``Cancelled`` (or a group of only those) escaping a test fail it.
+
+    pytest-trio cancels its own scope around the test before it looks at the outcome, and
+    that scope then swallows any ``Cancelled``: a test that a stray cancel ends early would
+    otherwise pass without reaching its asserts.
+    """
+
+    @functools.wraps(test)
+    async def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            await test(*args, **kwargs)
+        except BaseException as exc:
+            if only_cancelled(exc):
+                raise AssertionError(f"a Cancelled escaped the test: {exc!r}") from exc
+            raise
+
+    return wrapper
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Guard every async test (before pytest-trio wraps it) with :func:`_fail_on_escaped_cancel`."""
+    if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+        item.obj = _fail_on_escaped_cancel(item.obj)
+    yield
 
 
 @dataclass

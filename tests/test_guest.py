@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import stat
 import subprocess
 import time
@@ -281,6 +282,23 @@ async def test_missing_tools(
     assert "using" in messages[0]
 
 
+async def test_missing_dpkg_deb(
+    fresh_build: FreshBuild, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """apt works but dpkg-deb is missing: a clear error, and no half-built guest left."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("apt-cache", "apt-get"):
+        found = shutil.which(tool)
+        assert found is not None
+        (tools / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(tools))
+    cache = tmp_path / "cache"
+    with pytest.raises(GuestBuildError, match=r"(?s)dpkg-deb is not installed.*kernel="):
+        await ensure_guest(cache_dir=cache, _download_dir=fresh_build.debs)
+    assert list((cache / "guest").iterdir()) == []
+
+
 # --- booting the guest ----------------------------------------------------------------------
 
 
@@ -300,7 +318,10 @@ async def test_boot_to_ready_marker(guest: GuestImage, tmp_path: Path) -> None:
         # Ctrl-C interrupts the foreground command.
         await vm.console.wait_for(PROMPT, timeout=30)
         await vm.console.send_line("sleep 300; echo not interrupted")
-        await vm.console.wait_for(b"sleep 300", timeout=30)  # echoed: the shell has read it
+        # ^C typed while the shell still reads its line would be just a character: wait
+        # (through the shell channel) until sleep runs in the foreground.
+        shell = Shell(vm.channel("shell"))
+        await shell.run("until pidof sleep; do usleep 10000; done", timeout=30, check=True)
         await vm.console.write(b"\x03")
         await vm.console.wait_for(PROMPT, timeout=30)
         await vm.console.send_line("echo $((6 * 7)); tty")

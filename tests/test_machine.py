@@ -118,14 +118,34 @@ async def test_kill_gives_sigkill_status() -> None:
     assert vm.returncode == -signal.SIGKILL
 
 
-async def test_wait_after_quit_returns_zero() -> None:
+@pytest.mark.parametrize("gap", [0.0, 0.2], ids=["wait-at-once", "wait-after-exit"])
+async def test_wait_after_quit_returns_zero(gap: float) -> None:
+    # With a gap QEMU has surely exited and been reaped before wait() is called: a quit
+    # sent through vm.qmp() is an exit we asked for, never MachineExited.
     async with trio_qemu.open_machine(machine="none", args=["-nodefaults"]) as vm:
         reply = await vm.qmp("quit")
         assert reply.get("return") == {}
+        await trio.sleep(gap)
         assert await vm.wait(timeout=10) == 0  # not MachineExited: we sent quit ourselves
         assert vm.returncode == 0
         assert_gone(vm)
     assert vm.returncode == 0
+
+
+async def test_quit_via_cmd_ends_block_quietly() -> None:
+    # QEMU exits inside the block (the monitor's end of file ends the subscription, once
+    # QEMU's exit is known); leaving the block then raises nothing.
+    names = []
+    async with (
+        trio_qemu.open_machine(machine="none", args=["-nodefaults"]) as vm,
+        vm.subscribe() as events,
+    ):
+        assert await vm.cmd("quit") == {}
+        with trio.fail_after(10):
+            names = [event["event"] async for event in events]
+    assert "SHUTDOWN" in names
+    assert vm.returncode == 0
+    assert_gone(vm)
 
 
 async def test_wait_timeout_leaves_machine_running() -> None:

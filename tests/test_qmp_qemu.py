@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
@@ -39,29 +38,6 @@ pytestmark = pytest.mark.skipif(shutil.which(QEMU) is None, reason=f"{QEMU} is n
 
 
 P = ParamSpec("P")
-
-
-def _fail_on_escaped_cancel(test: Callable[P, Awaitable[None]]) -> Callable[P, Awaitable[None]]:
-    """Make a ``Cancelled`` (or a group of only those) escaping a test fail it.
-
-    pytest-trio cancels its own scope around the test before it looks at the outcome, and
-    that scope then swallows any ``Cancelled``: a test that a stray cancel ends early would
-    pass without reaching its asserts.
-    """
-
-    @functools.wraps(test)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
-        try:
-            await test(*args, **kwargs)
-        except BaseException as exc:
-            only_cancelled = isinstance(exc, trio.Cancelled) or (
-                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
-            )
-            if only_cancelled:
-                raise AssertionError(f"a Cancelled escaped the test: {exc!r}") from exc
-            raise
-
-    return wrapper
 
 
 @functools.cache
@@ -677,9 +653,3 @@ async def test_bad_message_while_body_waits_in_a_nursery_raises_the_error(
         ):
             nursery.start_soon(trio.sleep_forever)  # e.g. waiting on the console
             nursery.start_soon(break_the_connection, client)
-
-
-# Every async test above gets the guard (marks such as xfail are kept by functools.wraps).
-for _name, _test in list(globals().items()):
-    if _name.startswith("test_") and inspect.iscoroutinefunction(_test):
-        globals()[_name] = _fail_on_escaped_cancel(_test)

@@ -198,6 +198,27 @@ async def test_timeout_kills_and_keeps_partial_output(fake: MakeShell) -> None:
     assert (await shell.run("next")).stdout == b"ok"
 
 
+async def test_timeout_while_the_result_arrives(fake: MakeShell) -> None:
+    """A timeout in the middle of a result: the rest of it is read, not waited for again."""
+    payload = bytes(range(256)) * 100
+    frame = result(b"{rid}", 0, payload)
+
+    async def slow_transfer(fields: Request, stream: trio.abc.Stream) -> None:
+        if fields[0] == b"R":
+            whole = frame.replace(b"{rid}", fields[1])
+            await stream.send_all(whole[: len(whole) // 2])
+        elif fields[0] == b"K":
+            whole = frame.replace(b"{rid}", fields[1])
+            await stream.send_all(whole[len(whole) // 2 :])
+
+    shell = fake(slow_transfer, kill_timeout=5)
+    start = time.monotonic()
+    with pytest.raises(ShellTimeout) as info:
+        await shell.run("big", timeout=0.3)
+    assert time.monotonic() - start < 2
+    assert info.value.stdout == payload
+
+
 async def test_timeout_without_kill_confirmation(fake: MakeShell) -> None:
     async def deaf(fields: Request, stream: trio.abc.Stream) -> None:
         if fields[0] == b"R" and base64.b64decode(fields[4]) == b"next":

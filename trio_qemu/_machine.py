@@ -10,7 +10,8 @@ they cancelled. Every step of that sequence has a deadline:
 1. QEMU runs and QMP is up: send ``quit`` and wait up to ``shutdown_timeout`` for it to exit
    (without QMP: SIGTERM and the same wait).
 2. Still running, or a hard stop was asked for: SIGKILL the process group and reap it.
-3. Close the channels, cancel the services, remove the temporary directory.
+3. Let the console drain read what QEMU printed last (up to 1 s; EOF is immediate).
+4. Close the channels, cancel the services, remove the temporary directory.
 
 If QEMU exits while the machine is in use and nobody asked it to, every pending call and
 wait ends at once with :class:`~trio_qemu.MachineExited`, the body of ``open_machine`` is
@@ -99,6 +100,7 @@ class Machine:
         self._launched = False
         self._teardown_started = False
         self._torn_down = trio.Event()
+        self._console_drained = trio.Event()
         self._wake_supervisor = trio.Event()
 
     # -- state ---------------------------------------------------------------------------
@@ -305,7 +307,7 @@ class Machine:
                 )
                 await nursery.start(
                     self._service,
-                    self._console.run,
+                    self._run_console,
                     _ExitAwareStream(console_stream, self._process),
                 )
             if config.qmp:
@@ -375,6 +377,15 @@ class Machine:
             ) from cause
         assert self._qmp is not None
         await nursery.start(self._service, self._run_qmp_reader)
+
+    async def _run_console(
+        self, stream: trio.abc.Stream, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        assert self._console is not None
+        try:
+            await self._console.run(stream, task_status=task_status)
+        finally:
+            self._console_drained.set()
 
     async def _run_qmp_reader(self, *, task_status: trio.TaskStatus[None]) -> None:
         assert self._qmp is not None
@@ -516,6 +527,11 @@ class Machine:
         with trio.CancelScope(shield=True):
             try:
                 graceful_failed = await self._stop_process(hard, timeout)
+                if self._console is not None and self.exited:
+                    # QEMU is gone: what it printed last is still in the socket. Read it
+                    # to the end (EOF comes at once) before the drain is cancelled.
+                    with trio.move_on_after(_EOF_GRACE):
+                        await self._console_drained.wait()
             finally:
                 self._cleanup()
         if reason is None and graceful_failed:

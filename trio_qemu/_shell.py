@@ -42,7 +42,7 @@ import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -174,9 +174,9 @@ class GuestResult:
     """The command line, as given to :meth:`Shell.run`."""
     returncode: int
     """Its exit status (128 + N when killed by signal N, as the shell reports it)."""
-    stdout: bytes = field(repr=False)
+    stdout: bytes
     """Everything it wrote to stdout, byte for byte."""
-    stderr: bytes = field(repr=False)
+    stderr: bytes
     """Everything it wrote to stderr, byte for byte."""
 
     def check_returncode(self) -> None:
@@ -333,6 +333,8 @@ class Shell:
         self._close_error: BaseException | None = None
         self._closed = False
         self._broken: str | None = None
+        #: the result being received, kept across the wait for a killed command's result
+        self._receiving: _Reply | None = None
         #: set once a ping has been answered (:meth:`wait_ready`)
         self.ready = False
 
@@ -555,9 +557,11 @@ class Shell:
             interval = min(interval * 2, _PING_MAX)
 
     async def _await_reply(self, rid: bytes, command: str) -> GuestResult:
-        """Read lines until the result for ``rid``; skip everything else."""
-        reply: _Reply | None = None
-        skipping_to: bytes | None = None  # a result for another id is being skipped
+        """Read lines until the result for ``rid``; skip everything else (junk, pongs, the
+        results of other ids). A result partly received when a timeout interrupted the
+        previous call for the same ``rid`` is continued."""
+        reply = self._receiving if self._receiving and self._receiving.rid == rid else None
+        self._receiving = None
         while True:
             line = await self._next_line()
             if not line.startswith(b"#"):
@@ -567,10 +571,8 @@ class Shell:
             fields = line[1:].split(b" ")
             verb, lid = fields[0], fields[1] if len(fields) > 1 else b""
             if verb == b"B":
-                reply = None
-                skipping_to = None
+                reply = self._receiving = None
                 if lid != rid:
-                    skipping_to = lid
                     log.debug("%s: skipping a stale result for %r", self.name, lid)
                     continue
                 rc, out_len, err_len = _ints(fields[2:5], line)
@@ -579,10 +581,11 @@ class Shell:
                         f"{self.name}: the guest announced more output than max_output "
                         f"allows ({out_len}+{err_len} bytes)"
                     )
-                reply = _Reply(rid, rc, out_len, err_len)
+                reply = self._receiving = _Reply(rid, rc, out_len, err_len)
             elif verb == b"M" and reply is not None and lid == rid:
                 reply.index = 1
             elif verb == b"E" and reply is not None and lid == rid:
+                self._receiving = None
                 stdout = reply.decode(0)
                 stderr = reply.decode(1)
                 return GuestResult(command, reply.returncode, stdout, stderr)
@@ -592,8 +595,6 @@ class Shell:
                     f"{self.name}: {command!r} (exit status {rc}) wrote {out_len} bytes to "
                     f"stdout and {err_len} to stderr, more than max_output={self.max_output}"
                 )
-            elif verb == b"E" and lid == skipping_to:
-                skipping_to = None
             elif verb not in (b"R", b"P", b"M", b"E", b"X"):
                 log.debug("%s: ignoring %r", self.name, line[:80])
 
