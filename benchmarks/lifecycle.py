@@ -107,7 +107,7 @@ def seed_cycle() -> tuple[float, float]:
 
 
 async def _trio_cycles(n: int) -> list[tuple[float, float]]:
-    config = trio_qemu.MachineConfig(args=ARGS)
+    config = trio_qemu.MachineConfig(args=ARGS, accel=None)  # ARGS carry -accel tcg
     results = []
     for _ in range(n):
         start = time.perf_counter()

@@ -2,8 +2,9 @@
 
 The fake agent (a Trio task on the other end of an in-memory stream) plays the guest side
 of the protocol badly on purpose: junk lines, stale results, overlong lines, bad base64, a
-closed channel. The real-guest tests boot the tiny guest once per test (about 2 s under
-TCG) and build :class:`Shell` on the machine's shell channel.
+closed channel; being pure logic, its timing tests run on ``autojump_clock``. The real-guest
+tests boot the tiny guest once per test (about 2 s under TCG) and build :class:`Shell` on
+the machine's shell channel.
 """
 
 from __future__ import annotations
@@ -176,7 +177,9 @@ async def test_max_output(fake: MakeShell) -> None:
         await shell.run("guest-ignored")
 
 
-async def test_timeout_kills_and_keeps_partial_output(fake: MakeShell) -> None:
+async def test_timeout_kills_and_keeps_partial_output(
+    fake: MakeShell, autojump_clock: trio.abc.Clock
+) -> None:
     killed: list[bytes] = []
 
     async def slow(fields: Request, stream: trio.abc.Stream) -> None:
@@ -188,17 +191,19 @@ async def test_timeout_kills_and_keeps_partial_output(fake: MakeShell) -> None:
             await stream.send_all(result(fields[1], 0, b"ok"))
 
     shell = fake(slow)
-    start = time.monotonic()
+    start = trio.current_time()
     with pytest.raises(ShellTimeout) as info:
         await shell.run("sleep", timeout=0.2)
-    assert time.monotonic() - start < 2
+    assert trio.current_time() - start == pytest.approx(0.2)  # the kill is confirmed at once
     assert isinstance(info.value, TimeoutError) and isinstance(info.value, MachineError)
     assert (info.value.command, info.value.stdout) == ("sleep", b"partial")
     assert len(killed) == 1
     assert (await shell.run("next")).stdout == b"ok"
 
 
-async def test_timeout_while_the_result_arrives(fake: MakeShell) -> None:
+async def test_timeout_while_the_result_arrives(
+    fake: MakeShell, autojump_clock: trio.abc.Clock
+) -> None:
     """A timeout in the middle of a result: the rest of it is read, not waited for again."""
     payload = bytes(range(256)) * 100
     frame = result(b"{rid}", 0, payload)
@@ -212,29 +217,31 @@ async def test_timeout_while_the_result_arrives(fake: MakeShell) -> None:
             await stream.send_all(whole[len(whole) // 2 :])
 
     shell = fake(slow_transfer, kill_timeout=5)
-    start = time.monotonic()
+    start = trio.current_time()
     with pytest.raises(ShellTimeout) as info:
         await shell.run("big", timeout=0.3)
-    assert time.monotonic() - start < 2
+    assert trio.current_time() - start == pytest.approx(0.3)  # no waiting for kill_timeout
     assert info.value.stdout == payload
 
 
-async def test_timeout_without_kill_confirmation(fake: MakeShell) -> None:
+async def test_timeout_without_kill_confirmation(
+    fake: MakeShell, autojump_clock: trio.abc.Clock
+) -> None:
     async def deaf(fields: Request, stream: trio.abc.Stream) -> None:
         if fields[0] == b"R" and base64.b64decode(fields[4]) == b"next":
             await stream.send_all(result(fields[1], 0, b"ok"))
 
     shell = fake(deaf, kill_timeout=0.3)
-    start = time.monotonic()
+    start = trio.current_time()
     with pytest.raises(ShellTimeout) as info:
         await shell.run("hang", timeout=0.2)
-    assert 0.4 < time.monotonic() - start < 2
+    assert trio.current_time() - start == pytest.approx(0.2 + 0.3)
     assert info.value.stdout == b""
     assert (await shell.run("next")).stdout == b"ok"
 
 
 async def test_wait_ready_pings_again_when_the_agent_starts(
-    fake: MakeShell,
+    fake: MakeShell, autojump_clock: trio.abc.Clock
 ) -> None:
     pings: list[bytes] = []
 
@@ -246,9 +253,9 @@ async def test_wait_ready_pings_again_when_the_agent_starts(
             await stream.send_all(b"#P %s\n" % fields[1])
 
     shell = fake(late_start)
-    start = time.monotonic()
+    start = trio.current_time()
     await shell.wait_ready(timeout=5)
-    assert time.monotonic() - start < 0.2  # no waiting for the retry interval
+    assert trio.current_time() - start < 0.25  # no waiting for the retry interval
     assert len(pings) == 2 and pings[0] != pings[1]
 
 

@@ -60,14 +60,43 @@ class _LineReader:
 
     def __init__(self, stream: trio.abc.ReceiveStream, max_size: int) -> None:
         self._stream = stream
+        # A socket is read through its fd: one non-blocking read, else wait until readable.
+        # Trio's own path costs a failed recv() and more Python per wake-up, and a QMP
+        # round trip is mostly such wake-ups.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._max = max_size
         self._buf = bytearray()
         self._lines: deque[bytes] = deque()
+        #: set by the owner when it just woke a caller: yield first so the caller runs
+        #: (and sends its next command) before we poll the socket again
+        self.yield_first = False
+
+    async def _receive(self) -> bytes | bytearray:
+        fd = self._fd
+        if fd is None:
+            return await self._stream.receive_some(65536)
+        if self.yield_first:
+            self.yield_first = False
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            yielded = True
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            yielded = False
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                yielded = True
+                continue
+            if not yielded:  # every receive is a checkpoint, even when data was waiting
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
 
     async def next_line(self) -> bytes | None:
         """The next message without its newline, or ``None`` at a clean EOF."""
         while not self._lines:
-            data = await self._stream.receive_some(65536)
+            data = await self._receive()
             if not data:
                 if self._buf.strip():
                     raise QMPBadMessage("EOF in the middle of a message", bytes(self._buf[:200]))
@@ -332,6 +361,7 @@ class QMPClient:
             raise QMPUnexpectedReply(f"a reply with an id we never sent ({msg_id!r})", line)
         slot.reply = msg
         slot.done.set()
+        self._reader.yield_first = True
 
     # -- writing -------------------------------------------------------------------------
     async def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
