@@ -18,6 +18,8 @@ from ._errors import AbnormalShutdown as AbnormalShutdown
 from ._errors import ConsoleFailure as ConsoleFailure
 from ._errors import ConsoleTimeout as ConsoleTimeout
 from ._errors import EventsDropped as EventsDropped
+from ._errors import GuestBuildError as GuestBuildError
+from ._errors import GuestCommandError as GuestCommandError
 from ._errors import LaunchError as LaunchError
 from ._errors import MachineError as MachineError
 from ._errors import MachineExited as MachineExited
@@ -29,6 +31,8 @@ from ._errors import QMPNegotiationError as QMPNegotiationError
 from ._errors import QMPProtocolError as QMPProtocolError
 from ._errors import QMPTimeout as QMPTimeout
 from ._errors import QMPUnexpectedReply as QMPUnexpectedReply
+from ._errors import ShellError as ShellError
+from ._errors import ShellTimeout as ShellTimeout
 from ._events import QMPEvent as QMPEvent
 from ._events import Subscription as Subscription
 from ._events import event_match as event_match
@@ -38,6 +42,11 @@ from ._machine import open_machines as open_machines
 from ._machine import start_machine as start_machine
 from ._qmp import QMPClient as QMPClient
 from ._qmp import open_qmp as open_qmp
+from ._shell import GuestResult as GuestResult
+from ._shell import Shell as Shell
+from .guest import GuestImage as GuestImage
+from .guest import build_guest as build_guest
+from .guest import ensure_guest as ensure_guest
 
 # A library logs; the application decides where it goes.
 _logging.getLogger("trio_qemu").addHandler(_logging.NullHandler())
@@ -51,6 +60,10 @@ __all__ = [
     "EventsDropped",
     "ExecuteError",
     "FdSpec",
+    "GuestBuildError",
+    "GuestCommandError",
+    "GuestImage",
+    "GuestResult",
     "LaunchError",
     "Machine",
     "MachineConfig",
@@ -66,7 +79,12 @@ __all__ = [
     "QMPProtocolError",
     "QMPTimeout",
     "QMPUnexpectedReply",
+    "Shell",
+    "ShellError",
+    "ShellTimeout",
     "Subscription",
+    "build_guest",
+    "ensure_guest",
     "event_match",
     "kvm_usable",
     "open_machine",

@@ -49,6 +49,7 @@ from ._errors import (
 from ._events import QMPEvent, Subscription, only_cancelled
 from ._process import QemuProcess
 from ._qmp import QMPClient
+from ._shell import Shell
 from ._transport import Listener, socketpair_stream
 
 __all__ = ["Machine", "open_machine", "open_machines", "start_machine"]
@@ -84,6 +85,7 @@ class Machine:
         self._process: QemuProcess | None = None
         self._qmp: QMPClient | None = None
         self._console: Console | None = None
+        self._shell: Shell | None = None
         self._extra_streams: dict[str, trio.SocketStream] = {}
         #: our ends of the monitor and console connections, closed at teardown
         self._own_streams: list[trio.SocketStream] = []
@@ -166,6 +168,17 @@ class Machine:
     def greeting(self) -> Greeting | None:
         """QEMU's QMP greeting (with its version)."""
         return self._qmp.greeting if self._qmp else None
+
+    @property
+    def shell(self) -> Shell:
+        """Commands in the guest over the dedicated shell channel (needs ``shell=True`` and a
+        guest that runs the trio_qemu guest agent, like :mod:`trio_qemu.guest`'s)."""
+        if self._shell is None:
+            stream = self.channel("shell")
+            self._shell = Shell(stream, name=f"{self.name}.shell", on_eof=self._on_qmp_eof)
+            if self._torn_down.is_set() or self.failure is not None:
+                self._shell.close(self.failure)
+        return self._shell
 
     def channel(self, name: str) -> trio.SocketStream:
         """Our end of the ``shell`` or ``agent`` socketpair channel."""
@@ -451,6 +464,8 @@ class Machine:
             self._qmp.fail(error)
         if self._console is not None:
             self._console.close(error)
+        if self._shell is not None:
+            self._shell.close(error)
 
     async def _supervise(self) -> None:
         """Turns QEMU's unexpected death into teardown plus cancellation of the user's body,
@@ -571,6 +586,8 @@ class Machine:
             self._qmp.fail(self._exit_error or closed)
         if self._console is not None:
             self._console.close(self._exit_error or closed)
+        if self._shell is not None:
+            self._shell.close(self._exit_error or closed)
         for stream in [*self._own_streams, *self._extra_streams.values()]:
             stream.socket.close()
         if self._process is not None:
