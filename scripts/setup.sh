@@ -8,11 +8,18 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86 qemu-utils)
 [ -x /bin/busybox ] || command -v busybox >/dev/null || need_apt+=(busybox-static)
+export DEBIAN_FRONTEND=noninteractive
+apt_updated=0
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} from Debian's packages"
-  export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
+  apt_updated=1
   apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+fi
+# The tiny test guest is built from the kernel package's .deb: apt must know the package.
+if [ "$apt_updated" = 0 ] && ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+  echo "setup: refreshing apt's package lists (needed to fetch the guest kernel)"
+  apt-get update -q
 fi
 
 python=${PYTHON:-python3}

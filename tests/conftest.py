@@ -93,3 +93,6 @@ async def bare_qemu(nursery: trio.Nursery) -> AsyncIterator[BareQemu]:
         with trio.CancelScope(shield=True):
             await process.wait()
             await ours.aclose()
+
+
+pytest_plugins = ["pytester"]

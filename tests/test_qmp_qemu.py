@@ -226,12 +226,14 @@ async def test_events_wait_returns_the_first_that_matches(bare_qemu: BareQemu) -
 async def test_get_events_returns_unclaimed_events(bare_qemu: BareQemu) -> None:
     async with open_qmp(bare_qemu.stream) as client:
         assert client.get_events() == []
-        with client.subscribe("STOP"):
-            await client.cmd("stop")  # claimed by the subscription
+        with client.subscribe("STOP") as sub:
+            await client.cmd("stop")  # a subscription gets a copy; the cache keeps it too
+            assert (await sub.receive())["event"] == "STOP"
         await client.cmd("cont")
+        await client.event_wait("RESUME", timeout=5)  # a wait claims it
         await client.cmd("stop")
         await client.cmd("cont")
-        assert [e["event"] for e in client.get_events()] == ["RESUME", "STOP", "RESUME"]
+        assert [e["event"] for e in client.get_events()] == ["STOP", "STOP", "RESUME"]
         assert client.get_events() == []
 
 

@@ -1,11 +1,14 @@
 """Fan-out of QMP events to subscribers, with bounded memory everywhere.
 
 One reader task calls :meth:`EventHub.publish` for each event. Every subscription has its
-own bounded memory channel (``clone()`` is not broadcast); a full subscriber never blocks the
-reader: the event is dropped for that subscriber, counted, and the next ``receive()`` raises
-:class:`~trio_qemu.EventsDropped` once. Events that no subscription and no waiter took go to a
-bounded cache, so ``event_wait`` finds an event that arrived before the wait began (as
-``QEMUMachine.event_wait`` does).
+own bounded memory channel (``clone()`` is not broadcast) and gets its own copy of every
+matching event; a full subscriber never blocks the reader: the event is dropped for that
+subscriber, counted, and the next ``receive()`` raises :class:`~trio_qemu.EventsDropped` once.
+
+Independently of subscriptions, every event that no ``wait()`` took goes to a bounded
+cache, so ``event_wait`` finds an event that arrived before the wait began, as
+``QEMUMachine.event_wait`` does (its events stay until a wait claims them or they are
+cleared). A subscription watching events therefore never steals them from ``event_wait``.
 """
 
 from __future__ import annotations
@@ -185,7 +188,8 @@ class _Waiter:
 
 
 class EventHub:
-    """Routes each published event to subscriptions and waiters, or to the unclaimed cache."""
+    """Copies each published event to matching subscriptions, and hands it to the first
+    matching waiter or else keeps it in the unclaimed cache."""
 
     def __init__(self, *, cache_size: int = 1000, default_buffer: int = 256) -> None:
         if cache_size < 0 or default_buffer < 1:
@@ -202,9 +206,9 @@ class EventHub:
     # -- the reader's side -------------------------------------------------------------
     def publish(self, event: QMPEvent) -> None:
         """Deliver one event. Synchronous and non-blocking: the reader never waits here."""
-        claimed = False
         for sub in tuple(self._subscriptions):
-            claimed = sub._offer(event) or claimed
+            sub._offer(event)
+        claimed = False
         if self._waiters:
             for waiter in tuple(self._waiters):
                 if waiter.accepts(event):
@@ -262,7 +266,7 @@ class EventHub:
         return sub
 
     def take_unclaimed(self) -> list[QMPEvent]:
-        """Remove and return the cached events nobody claimed, oldest first."""
+        """Remove and return the cached events no ``wait()`` claimed, oldest first."""
         events = list(self._unclaimed)
         self._unclaimed.clear()
         return events
