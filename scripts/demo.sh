@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), then run the demo. Until the guest demo lands this is the QMP
-# example: launch QEMU, query it, stop/continue it while watching the events.
+# Set up (scripts/setup.sh), then run the demo: build (or reuse) the tiny Linux guest, boot two
+# of them concurrently, run commands in each, show QMP events and timings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python examples/hello_qmp.py "$@"
+exec .venv/bin/python -m trio_qemu demo "$@"

@@ -18,7 +18,13 @@ import trio
 import trio.testing
 
 from trio_qemu._console import Console
-from trio_qemu._errors import ConsoleFailure, ConsoleTimeout, MachineError, MachineExited
+from trio_qemu._errors import (
+    ConsoleClosed,
+    ConsoleFailure,
+    ConsoleTimeout,
+    MachineError,
+    MachineExited,
+)
 
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
 
@@ -260,7 +266,7 @@ async def test_unopenable_log_file_fails_start(tmp_path: Path) -> None:
             with pytest.raises(FileNotFoundError):
                 await nursery.start(console.run, _stream(ours))
     assert console.ended
-    with pytest.raises(ConsoleTimeout, match="log could not be opened"):
+    with pytest.raises(ConsoleClosed, match="log could not be opened"):
         await console.wait_for(b"x")
 
 
@@ -359,9 +365,9 @@ async def test_close_without_error() -> None:
         assert not console.ended
         console.close()
         assert console.ended
-        with pytest.raises(ConsoleTimeout, match="ended \\(closed\\)"):
+        with pytest.raises(ConsoleClosed, match="ended \\(closed\\)"):
             await console.wait_for(b"x")
-        with pytest.raises(ConsoleTimeout, match="closed"):
+        with pytest.raises(StopAsyncIteration):  # close() without an error: an orderly end
             await console.lines().__anext__()
         with pytest.raises(MachineError, match="cannot write"):
             await console.write(b"x")
@@ -372,7 +378,7 @@ async def test_end_of_file_ends_iterators_and_waits() -> None:
         results: list[BaseException] = []
 
         async def waiter() -> None:
-            with pytest.raises(ConsoleTimeout) as info:
+            with pytest.raises(ConsoleClosed) as info:
                 await console.wait_for(b"never", timeout=60)
             results.append(info.value)
 
@@ -385,7 +391,7 @@ async def test_end_of_file_ends_iterators_and_waits() -> None:
         assert console.ended and not console.running
         assert [line async for line in console] == [b"hello", b"world"]
         assert (await console.wait_for(b"world")).group() == b"world"  # already received
-        with pytest.raises(ConsoleTimeout, match="end of file"):
+        with pytest.raises(ConsoleClosed, match="end of file"):
             await console.wait_for(b"more")
         with pytest.raises(MachineError, match="end of file"):
             await console.write(b"x")
@@ -408,7 +414,7 @@ async def test_cancelled_drain_ends_the_console() -> None:
             assert console.running
             nursery.cancel_scope.cancel()
         assert console.ended and not console.running
-        with pytest.raises(ConsoleTimeout, match="vm7: the console ended \\(the console drain"):
+        with pytest.raises(ConsoleClosed, match="vm7: the console ended \\(the console drain"):
             await console.wait_for(b"x")
         with pytest.raises(RuntimeError, match="once"):
             await console.run(_stream(theirs))

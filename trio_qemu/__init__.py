@@ -15,6 +15,7 @@ from ._config import kvm_usable as kvm_usable
 from ._config import resolve_accel as resolve_accel
 from ._console import Console as Console
 from ._errors import AbnormalShutdown as AbnormalShutdown
+from ._errors import ConsoleClosed as ConsoleClosed
 from ._errors import ConsoleFailure as ConsoleFailure
 from ._errors import ConsoleTimeout as ConsoleTimeout
 from ._errors import EventsDropped as EventsDropped
@@ -55,6 +56,7 @@ __all__ = [
     "AbnormalShutdown",
     "ChannelFds",
     "Console",
+    "ConsoleClosed",
     "ConsoleFailure",
     "ConsoleTimeout",
     "EventsDropped",

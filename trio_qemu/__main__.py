@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 
@@ -54,9 +55,13 @@ async def _run(qemu_args: Sequence[str], console: bool, timeout: float | None) -
         nursery.start_soon(_stream_events, vm)
         if console:
             nursery.start_soon(_stream_console, vm)
-        code = await vm.wait(timeout=timeout)
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await vm.wait(timeout=None)
+        if vm.is_running():  # --timeout passed: stop it the graceful way
+            print(f"# stopping after {timeout} s", file=sys.stderr, flush=True)
+            await vm.shutdown()
         nursery.cancel_scope.cancel()
-    return code or 0
+    return vm.returncode or 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

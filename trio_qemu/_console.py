@@ -30,7 +30,7 @@ from typing import IO, TypeAlias
 
 import trio
 
-from ._errors import ConsoleFailure, ConsoleTimeout, MachineError
+from ._errors import ConsoleClosed, ConsoleFailure, ConsoleTimeout, MachineError
 
 __all__ = ["Console", "ConsolePattern"]
 
@@ -321,7 +321,7 @@ class Console:
     def _closed_error(self, what: str) -> BaseException:
         if self._end_error is not None:
             return _copy_error(self._end_error)
-        return ConsoleTimeout(
+        return ConsoleClosed(
             f"{self._name}: the console ended ({self._end_reason}) {what}", self.tail()
         )
 
@@ -546,7 +546,8 @@ class _LineIterator:
     def _last_line(self) -> bytes:
         """What the iterator yields once the console ended and no complete line is left."""
         console = self._console
-        if not console._clean_eof or console._end_error is not None:
+        orderly = console._clean_eof or console._close_called  # EOF, or close() without error
+        if not orderly or console._end_error is not None:
             raise console._closed_error("while reading lines")
         if self._pos >= console._total:
             raise StopAsyncIteration

@@ -13,6 +13,7 @@ from qemu.qmp.error import ProtocolError, QMPError
 
 __all__ = [
     "AbnormalShutdown",
+    "ConsoleClosed",
     "ConsoleFailure",
     "ConsoleTimeout",
     "EventsDropped",
@@ -112,6 +113,22 @@ class AbnormalShutdown(MachineError):
 
 class ConsoleTimeout(MachineError, TimeoutError):
     """``console.wait_for`` saw no match in time. ``tail`` is the console's recent output."""
+
+    def __init__(self, message: str, tail: bytes = b"") -> None:
+        self.tail = tail
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        text = self.tail.decode("utf-8", "replace")
+        return f"{self.args[0]}\n  console tail:\n" + _tail(text)
+
+
+class ConsoleClosed(MachineError):
+    """The console ended (QEMU exited, the machine shut down) while something waited on it.
+
+    ``tail`` is the console's last output. When QEMU died unexpectedly the waiters get
+    :class:`MachineExited` instead.
+    """
 
     def __init__(self, message: str, tail: bytes = b"") -> None:
         self.tail = tail

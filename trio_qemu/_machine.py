@@ -584,8 +584,8 @@ class Machine:
         closed = QMPConnectionClosed(f"{self.name}: the machine is shut down")
         if self._qmp is not None:
             self._qmp.fail(self._exit_error or closed)
-        if self._console is not None:
-            self._console.close(self._exit_error or closed)
+        if self._console is not None:  # an orderly end lets line iterators finish cleanly
+            self._console.close(self._exit_error)
         if self._shell is not None:
             self._shell.close(self._exit_error or closed)
         for stream in [*self._own_streams, *self._extra_streams.values()]:
