@@ -571,3 +571,13 @@ def test_qemu_connects_to_monitor_address(kind: str, tmp_path: Path) -> None:
             conn, _ = listener.accept()
             with conn:
                 _SyncQMP(conn).cmd("quit")
+
+
+def test_inherit_fds_are_passed_but_add_nothing_to_argv() -> None:
+    config = MachineConfig(
+        qmp=False, fds=[FdSpec(7, 1)], inherit_fds=[9, 10], args=["-netdev", "socket,id=n,fd=9"]
+    )
+    assert config.pass_fds() == (7, 9, 10)
+    assert config.argv(accel=None)[-4:] == ["-add-fd", "fd=7,set=1", "-netdev", "socket,id=n,fd=9"]
+    with pytest.raises(TypeError, match="inherit_fds"):
+        MachineConfig(inherit_fds=[-1])

@@ -118,7 +118,7 @@ class _Unset(enum.Enum):
 
 _UNSET: Final = _Unset.UNSET
 
-_SEQUENCE_FIELDS: Final = ("args", "wrapper", "fds")
+_SEQUENCE_FIELDS: Final = ("args", "wrapper", "fds", "inherit_fds")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +191,10 @@ class MachineConfig:
     """How many unclaimed events are kept for ``event_wait`` (oldest dropped first)."""
     fds: Sequence[FdSpec] = ()
     """File descriptors passed to QEMU into fd sets (``-add-fd``); see :meth:`pass_fds`."""
+    inherit_fds: Sequence[int] = ()
+    """More file descriptors QEMU inherits as they are, for options of :attr:`args` that name
+    them (``-netdev dgram,...,local.str=N``, ``-chardev socket,fd=N``). The caller keeps
+    them open until the machine has started and closes its copies afterwards."""
     shell: bool = False
     """True: a virtio-serial port named ``org.trio-qemu.shell`` for the guest shell."""
     agent: bool = False
@@ -215,6 +219,9 @@ class MachineConfig:
         for spec in self.fds:
             if not isinstance(spec, FdSpec):
                 raise TypeError(f"MachineConfig.fds items must be FdSpec, not {spec!r}")
+        for fd in self.inherit_fds:
+            if not _is_int(fd) or fd < 0:
+                raise TypeError(f"MachineConfig.inherit_fds items must be fds >= 0, not {fd!r}")
 
         for field in ("launch_timeout", "qmp_timeout", "shutdown_timeout"):
             value = getattr(self, field)
@@ -305,8 +312,9 @@ class MachineConfig:
         return os.environ.get("QEMU") or DEFAULT_BINARY
 
     def pass_fds(self) -> tuple[int, ...]:
-        """The fds of :attr:`fds`, to add to the channel fds in ``pass_fds`` at launch."""
-        return tuple(spec.fd for spec in self.fds)
+        """The fds of :attr:`fds` and :attr:`inherit_fds`, to add to the channel fds in
+        ``pass_fds`` at launch."""
+        return (*(spec.fd for spec in self.fds), *self.inherit_fds)
 
     def argv(
         self,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from qemu.qmp import ExecuteError
 from qemu.qmp.models import Greeting
 
 from ._config import ChannelFds, MachineConfig
@@ -223,6 +224,27 @@ class Machine:
             "human-monitor-command", {"command-line": command_line}, timeout=timeout
         )
         return str(result)
+
+    async def screenshot(
+        self, path: str | os.PathLike[str], *, timeout: float | None = None
+    ) -> Path:
+        """Save the display as a PNG at ``path`` (QMP ``screendump``); return the path.
+
+        Needs a display device: launch with ``display=True`` (or your own ``-device VGA``).
+        QEMU writes the file itself, so ``path`` must be writable by QEMU's user.
+        """
+        # QEMU resolves a relative path against its own cwd: give it ours (a string join).
+        target = Path(os.path.abspath(path))  # noqa: ASYNC240
+        try:
+            await self.qmp_client.cmd(
+                "screendump", {"filename": str(target), "format": "png"}, timeout=timeout
+            )
+        except ExecuteError as exc:
+            hint = ""
+            if "no console" in str(exc).lower():
+                hint = " (the machine has no display: launch it with display=True)"
+            raise MachineError(f"{self.name}: screendump failed: {exc}{hint}") from exc
+        return target
 
     def subscribe(
         self, *names: str, match: Mapping[str, object] | None = None, buffer: int | None = None
