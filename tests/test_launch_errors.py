@@ -130,3 +130,20 @@ async def test_launch_error_leaves_fds_closed(base: Path) -> None:
             binary="/nonexistent/qemu-system-x86_64", console=True, base_temp_dir=base
         )
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+async def test_unusable_base_temp_dir_is_a_launch_error(tmp_path: Path) -> None:
+    with pytest.raises(trio_qemu.LaunchError, match="temporary directory") as info:
+        async with trio_qemu.open_machine(
+            machine="none", base_temp_dir=str(tmp_path / "missing" / "dir")
+        ):
+            pass  # pragma: no cover
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+async def test_monitor_address_in_use_is_a_launch_error(tmp_path: Path) -> None:
+    path = tmp_path / "qmp.sock"
+    path.write_text("not a socket")
+    with pytest.raises(trio_qemu.LaunchError, match="cannot listen at monitor_address"):
+        async with trio_qemu.open_machine(machine="none", monitor_address=str(path)):
+            pass  # pragma: no cover

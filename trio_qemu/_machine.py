@@ -287,9 +287,14 @@ class Machine:
     # -- launch --------------------------------------------------------------------------
     async def _launch(self, nursery: trio.Nursery) -> None:
         config = self.config
-        self._temp_dir = Path(
-            tempfile.mkdtemp(prefix=f"trio-qemu-{self.name}-", dir=config.base_temp_dir)
-        )
+        try:
+            self._temp_dir = Path(
+                tempfile.mkdtemp(prefix=f"trio-qemu-{self.name}-", dir=config.base_temp_dir)
+            )
+        except OSError as exc:
+            raise LaunchError(
+                f"cannot create the machine's temporary directory: {exc}", name=self.name
+            ) from exc
         self._log_dir = Path(config.log_dir) if config.log_dir is not None else self._temp_dir
         theirs: list[socket.socket] = []
         listener: Listener | None = None
@@ -304,7 +309,13 @@ class Machine:
                 fds["monitor"] = peer.fileno()
             elif config.qmp:
                 assert config.monitor_address is not None
-                listener = await Listener.open(config.monitor_address)
+                try:
+                    listener = await Listener.open(config.monitor_address)
+                except OSError as exc:
+                    raise LaunchError(
+                        f"cannot listen at monitor_address {config.monitor_address!r}: {exc}",
+                        name=self.name,
+                    ) from exc
             if config.console:
                 console_stream, peer = socketpair_stream()
                 self._own_streams.append(console_stream)
@@ -384,9 +395,14 @@ class Machine:
                     event_cache=config.event_cache,
                 )
                 await self._qmp.handshake(timeout=config.launch_timeout)
-            except (QMPConnectionClosed, QMPTimeout) as exc:
+            except QMPTimeout as exc:
                 cause = exc
-                failure = "QEMU exited before its monitor was ready"
+                failure = (
+                    f"QEMU's monitor was not ready within launch_timeout={config.launch_timeout} s"
+                )
+            except QMPConnectionClosed as exc:
+                cause = exc
+                failure = "QEMU closed its monitor before it was ready"
             except QMPProtocolError as exc:
                 cause = exc
                 failure = f"QEMU's monitor broke the protocol: {exc}"
