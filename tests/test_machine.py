@@ -389,3 +389,27 @@ async def test_ctrl_c_tears_down() -> None:
         with trio.CancelScope(shield=True):
             await process.stdout.aclose()
             await process.stderr.aclose()
+
+
+# -- monitor addresses -----------------------------------------------------------------------
+async def test_monitor_on_a_unix_path_we_listen_on(tmp_path: Path) -> None:
+    path = tmp_path / "qmp.sock"
+    async with trio_qemu.open_machine(
+        machine="none", args=["-nodefaults"], monitor_address=str(path)
+    ) as vm:
+        assert f"socket,id=mon,path={path}" in vm.argv
+        assert not path.exists()  # the first connection was taken, the listener closed
+        assert (await vm.cmd("query-status"))["running"] is True
+    assert vm.returncode == 0
+    assert_gone(vm)
+
+
+async def test_monitor_on_tcp_loopback() -> None:
+    async with trio_qemu.open_machine(
+        machine="none", args=["-nodefaults"], monitor_address=("127.0.0.1", 0)
+    ) as vm:
+        chardev = next(a for a in vm.argv if a.startswith("socket,id=mon,host="))
+        assert chardev.startswith("socket,id=mon,host=127.0.0.1,port=")
+        assert not chardev.endswith("port=0")  # the real port QEMU connected to
+        assert (await vm.cmd("query-status"))["running"] is True
+    assert vm.returncode == 0

@@ -172,7 +172,7 @@ class MachineConfig:
     monitor_address: str | os.PathLike[str] | tuple[str, int] | None = None
     """Where QMP runs. None: a socketpair whose fd QEMU inherits (no path, no port); a
     path: a unix socket we listen on and QEMU connects to; ``(host, port)``: the same over
-    TCP."""
+    TCP (port 0: a free port chosen at launch)."""
     qmp: bool = True
     """False: no monitor at all (the machine then has no ``qmp``/``cmd``/events)."""
     base_temp_dir: str | os.PathLike[str] | None = None
@@ -267,11 +267,11 @@ class MachineConfig:
                 and isinstance(address[0], str)
                 and address[0]
                 and _is_int(address[1])
-                and 0 < address[1] < 65536
+                and 0 <= address[1] < 65536
             ):
                 raise ValueError(
                     "MachineConfig.monitor_address as a tuple must be (host: str, port: int) "
-                    f"with 0 < port < 65536, not {address!r}"
+                    f"with 0 <= port < 65536 (0: any free port), not {address!r}"
                 )
         elif address is not None and (
             not isinstance(address, str | os.PathLike)

@@ -327,7 +327,11 @@ class Machine:
                     self._extra_streams[channel] = stream
                     theirs.append(peer)
                     fds[channel] = peer.fileno()
-            self.argv = config.argv(ChannelFds(**fds))
+            # With a listener, QEMU must be told the address really bound (a port 0 is chosen).
+            argv_config = config if listener is None else config.replace(
+                monitor_address=listener.address
+            )
+            self.argv = argv_config.argv(ChannelFds(**fds))
             self._process = QemuProcess(
                 self.argv,
                 pass_fds=[*(s.fileno() for s in theirs), *config.pass_fds()],
