@@ -5,6 +5,10 @@
 - :func:`median`, :func:`ratio`, :func:`print_table` and :func:`print_ratios` print results.
 - :func:`write_results` saves them as ``benchmarks/results/<name>.json``.
 - :func:`quiet_logging` puts every logger at WARNING, so no client pays for debug output.
+- :func:`peer_process` runs one of :mod:`_peers`' fast peers in a process of its own on a
+  socketpair, and ends it by pid on the way out.
+- :func:`rss_bytes`, :func:`cpu_model`, :func:`loadavg` and :func:`accelerator` describe the
+  machine and the run; :func:`environment` records them with every result.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -32,18 +37,24 @@ __all__ = [
     "BASE_ARGS",
     "RESULTS_DIR",
     "QemuProcess",
+    "accelerator",
+    "cpu_model",
     "environment",
+    "loadavg",
     "median",
+    "peer_process",
     "print_ratios",
     "print_table",
     "qemu_binary",
     "quiet_logging",
     "ratio",
+    "rss_bytes",
     "running_qemu",
     "write_results",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PEERS = Path(__file__).resolve().parent / "_peers.py"
 
 #: ``-machine none``: no guest, no devices; QMP answers ~25 ms after start.
 BASE_ARGS = ("-machine", "none", "-nodefaults", "-display", "none", "-accel", "tcg")
@@ -193,6 +204,82 @@ def print_ratios(pairs: Mapping[str, float]) -> None:
         print(f"  {label:<{width}}  {value:6.2f}x")
 
 
+@contextmanager
+def peer_process(
+    kind: str, *args: object
+) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket]]:
+    """Start ``_peers.py KIND FD ARGS...`` on a socketpair; yield it and our end.
+
+    On the way out our end is closed (the peer sees EOF and exits), the peer gets 5 s to
+    exit, and is SIGKILLed by pid otherwise. Its stdout is a pipe (read it before leaving).
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(PEERS), kind, str(theirs.fileno()), *map(str, args)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            pass_fds=[theirs.fileno()],
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    try:
+        yield proc, ours
+    finally:
+        ours.close()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size of ``pid`` (default: this process) from ``/proc``, or 0."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as file:
+            for line in file:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cpu_model() -> str:
+    """The CPU's ``model name`` from ``/proc/cpuinfo`` (else the platform's processor)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages: how disturbed the machine was."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def accelerator() -> str | None:
+    """What ``accel="auto"`` picks here (``kvm`` only where KVM really works, else ``tcg``)."""
+    from trio_qemu import resolve_accel
+
+    return resolve_accel("auto")
+
+
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -210,9 +297,13 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         qemu_version = None
     return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
+        "loadavg": loadavg(),
+        "accel_auto": accelerator(),
         "qemu": qemu_version,
         "trio": _version("trio"),
         "qemu.qmp": _version("qemu.qmp"),

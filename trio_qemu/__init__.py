@@ -25,6 +25,7 @@ from ._errors import LaunchError as LaunchError
 from ._errors import MachineError as MachineError
 from ._errors import MachineExited as MachineExited
 from ._errors import MachineTimeout as MachineTimeout
+from ._errors import MigrationError as MigrationError
 from ._errors import QMPBadMessage as QMPBadMessage
 from ._errors import QMPConnectionClosed as QMPConnectionClosed
 from ._errors import QMPGreetingError as QMPGreetingError
@@ -32,6 +33,10 @@ from ._errors import QMPNegotiationError as QMPNegotiationError
 from ._errors import QMPProtocolError as QMPProtocolError
 from ._errors import QMPTimeout as QMPTimeout
 from ._errors import QMPUnexpectedReply as QMPUnexpectedReply
+from ._errors import QtestError as QtestError
+from ._errors import QtestInvalidRequest as QtestInvalidRequest
+from ._errors import QtestProtocolError as QtestProtocolError
+from ._errors import QtestTimeout as QtestTimeout
 from ._errors import ShellError as ShellError
 from ._errors import ShellTimeout as ShellTimeout
 from ._events import QMPEvent as QMPEvent
@@ -48,6 +53,10 @@ from ._shell import Shell as Shell
 from .guest import GuestImage as GuestImage
 from .guest import build_guest as build_guest
 from .guest import ensure_guest as ensure_guest
+from .migration import incoming_config as incoming_config
+from .migration import migrate as migrate
+from .qtest import QtestMachine as QtestMachine
+from .qtest import open_qtest_machine as open_qtest_machine
 
 # A library logs; the application decides where it goes.
 _logging.getLogger("trio_qemu").addHandler(_logging.NullHandler())
@@ -72,6 +81,7 @@ __all__ = [
     "MachineError",
     "MachineExited",
     "MachineTimeout",
+    "MigrationError",
     "QMPBadMessage",
     "QMPClient",
     "QMPConnectionClosed",
@@ -81,6 +91,11 @@ __all__ = [
     "QMPProtocolError",
     "QMPTimeout",
     "QMPUnexpectedReply",
+    "QtestError",
+    "QtestInvalidRequest",
+    "QtestMachine",
+    "QtestProtocolError",
+    "QtestTimeout",
     "Shell",
     "ShellError",
     "ShellTimeout",
@@ -88,10 +103,13 @@ __all__ = [
     "build_guest",
     "ensure_guest",
     "event_match",
+    "incoming_config",
     "kvm_usable",
+    "migrate",
     "open_machine",
     "open_machines",
     "open_qmp",
+    "open_qtest_machine",
     "resolve_accel",
     "start_machine",
 ]

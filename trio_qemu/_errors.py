@@ -13,6 +13,8 @@ from qemu.qmp.error import ProtocolError, QMPError
 
 __all__ = [
     "AbnormalShutdown",
+    "AgentError",
+    "AgentTimeout",
     "ConsoleClosed",
     "ConsoleFailure",
     "ConsoleTimeout",
@@ -23,6 +25,9 @@ __all__ = [
     "MachineError",
     "MachineExited",
     "MachineTimeout",
+    "MigrationError",
+    "NetworkError",
+    "NetworkTimeout",
     "QMPBadMessage",
     "QMPConnectionClosed",
     "QMPGreetingError",
@@ -30,6 +35,10 @@ __all__ = [
     "QMPProtocolError",
     "QMPTimeout",
     "QMPUnexpectedReply",
+    "QtestError",
+    "QtestInvalidRequest",
+    "QtestProtocolError",
+    "QtestTimeout",
     "ShellError",
     "ShellTimeout",
 ]
@@ -252,3 +261,111 @@ class ShellTimeout(ShellError, TimeoutError):
         self.stdout = stdout
         self.stderr = stderr
         super().__init__(message)
+
+
+class MigrationError(MachineError):
+    """A live migration was refused, failed or timed out (and was then cancelled).
+
+    ``source_status`` and ``destination_status`` are the last migration states each side
+    reported (``"failed"``, ``"cancelled"``, ``"active"``...; ``"exited"`` when that QEMU
+    exited; None when it never started). ``reason`` is QEMU's own explanation when there is
+    one: the source's ``error-desc`` and the tail of the destination's output (a QEMU whose
+    incoming migration fails prints why and exits).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source_status: str | None = None,
+        destination_status: str | None = None,
+        reason: str = "",
+    ) -> None:
+        self.source_status = source_status
+        self.destination_status = destination_status
+        self.reason = reason
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        if not self.reason:
+            return str(self.args[0])
+        return f"{self.args[0]}\n  QEMU's reason:\n" + _tail(self.reason)
+
+
+class QtestError(MachineError):
+    """QEMU answered a qtest request with ``FAIL`` or ``ERR``.
+
+    ``line`` is the request as sent, ``status`` is ``"FAIL"`` or ``"ERR"`` and ``reason``
+    the rest of QEMU's reply (``"Unknown command 'clock_step'"``). The channel stays usable.
+    """
+
+    def __init__(self, line: str, status: str, reason: str) -> None:
+        self.line = line
+        self.status = status
+        self.reason = reason
+        super().__init__(line, status, reason)
+
+    def __str__(self) -> str:
+        return f"qtest {self.line!r} answered {self.status}: {self.reason or '(no reason)'}"
+
+
+class QtestInvalidRequest(MachineError, ValueError):
+    """A qtest request was refused before it was sent, because QEMU would abort on it.
+
+    QEMU's qtest server asserts on a malformed line (a missing argument, a bad number, an
+    empty line, a ``\\r``...) and the whole VM dies; so every line is checked first.
+    ``line`` is the refused request and ``reason`` says what is wrong with it. Nothing was
+    sent: the channel and QEMU are unaffected.
+    """
+
+    def __init__(self, line: str, reason: str) -> None:
+        self.line = line
+        self.reason = reason
+        super().__init__(line, reason)
+
+    def __str__(self) -> str:
+        return f"refused qtest request {self.line!r}: {self.reason}"
+
+
+class QtestProtocolError(MachineError):
+    """The qtest channel is unusable: QEMU sent something that is not qtest, closed the
+    channel, a send stalled, or the qtest machine is closed. ``raw`` holds the offending
+    bytes (shortened) when there were some. Every later request raises this error too."""
+
+    def __init__(self, message: str, raw: bytes | None = None) -> None:
+        self.raw = raw
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        if self.raw is None:
+            return str(self.args[0])
+        shown = self.raw if len(self.raw) <= 200 else self.raw[:200] + b"..."
+        return f"{self.args[0]}\n  received: {shown!r}"
+
+
+class QtestTimeout(MachineError, TimeoutError):
+    """A qtest request (or an IRQ wait) got no answer in time.
+
+    For a request the channel stays in step: its late reply is recognised and discarded.
+    """
+
+
+class NetworkError(MachineError):
+    """A network helper of :mod:`trio_qemu.network` failed: a guest-side check went wrong
+    (e.g. ``ping``'s output could not be read) or the network is closed."""
+
+
+class NetworkTimeout(NetworkError, TimeoutError):
+    """A network wait ran out of time (e.g. a NIC's carrier in the guest did not come up)."""
+
+
+class AgentError(MachineError):
+    """The QEMU guest agent (``vm.agent``) could not do what was asked: its reply had the
+    wrong shape, or a limit was hit (output qemu-ga truncated, a file larger than
+    ``max_size``). A refusal by the agent itself is a ``qemu.qmp.ExecuteError`` instead, and
+    a closed channel is :class:`QMPConnectionClosed` (or :class:`MachineExited`)."""
+
+
+class AgentTimeout(AgentError, QMPTimeout):
+    """A guest agent operation outlived its ``timeout`` (the agent never came up, or a
+    command run with ``exec`` did not finish; that command was killed)."""

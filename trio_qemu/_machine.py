@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import shutil
 import socket
@@ -552,6 +553,14 @@ class Machine:
         """SIGKILL QEMU now and clean up."""
         await self._teardown(hard=True, reason=None)
 
+    async def wait_exited(self, timeout: float | None = 30.0) -> bool:
+        """Wait up to ``timeout`` s (None: no limit) for QEMU to exit, for whatever reason;
+        return whether it has. Unlike :meth:`wait` this changes nothing: an unexpected exit
+        is still reported as :class:`~trio_qemu.MachineExited`."""
+        if self._process is None:
+            raise MachineError(f"{self.name}: not launched yet")
+        return await self._process.wait(math.inf if timeout is None else timeout)
+
     async def wait(self, timeout: float | None = 30.0) -> int | None:
         """Wait for QEMU to exit on its own (e.g. the guest powered off), then clean up.
 
@@ -561,7 +570,7 @@ class Machine:
         assert self._process is not None
         self._expect_exit = True
         try:
-            if not await self._process.wait(float("inf") if timeout is None else timeout):
+            if not await self._process.wait(math.inf if timeout is None else timeout):
                 raise MachineTimeout(f"{self.name}: QEMU still runs after {timeout} s")
         finally:
             self._expect_exit = self._process.exited.is_set()

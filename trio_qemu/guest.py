@@ -30,6 +30,28 @@ the console with job control (respawned when it exits), reaps orphans, and turns
 appears about 1.6-2.2 s after QEMU starts, and the shell agent answers right after. Type on
 the console only once its prompt has appeared: input sent before the shell starts may be
 discarded when the terminal is set up.
+
+With ``agent=True`` (:func:`ensure_guest`, :func:`build_guest`) a variant of that guest also
+runs the QEMU guest agent, ``qemu-ga``, for :mod:`trio_qemu.agent`. It is the plain guest plus
+a second cpio archive appended to its initramfs (the kernel unpacks concatenated archives in
+turn, later files replacing earlier ones), so it reuses the plain guest's kernel and cache
+entry and costs one small download (about 5 MB) on top:
+
+1. ``apt-get download`` fetches ``qemu-guest-agent`` and the packages of the libraries its
+   ``qemu-ga`` needs (:data:`AGENT_LIBRARY_PACKAGES`); their versions go into the variant's
+   cache key, next to the plain guest's.
+2. ``qemu-ga`` and those libraries are extracted, and ``ldd`` (with ``LD_LIBRARY_PATH`` on the
+   extracted libraries) lists what ``qemu-ga`` loads: libglib, libgmodule, libudev, libnuma,
+   liburing, libpcre2, libm, libc and the loader. Each comes from the packages, or from the
+   host's own copy if the packages lack it (logged); anything not found fails the build.
+3. The appended archive holds them under ``/lib/x86_64-linux-gnu`` (the loader also as
+   ``/lib64/ld-linux-x86-64.so.2``), a ``/sbin/shutdown`` for ``guest-shutdown`` (busybox
+   ``poweroff -f``, ``halt -f`` or ``reboot -f`` for qemu-ga's ``-P``, ``-H`` or ``-r``),
+   and an ``/etc/inittab`` that adds two entries to the plain one: at ``sysinit`` (before
+   anything else starts) a link ``/dev/virtio-ports/<name>`` for every named virtio-serial
+   port (there is no udev), then, once, :data:`AGENT_WRAPPER_PATH`, which waits for the
+   ``org.qemu.guest_agent.0`` port and runs ``qemu-ga -m virtio-serial -p
+   /dev/virtio-ports/org.qemu.guest_agent.0``, restarting it if it exits.
 """
 
 from __future__ import annotations
@@ -47,7 +69,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -55,12 +77,15 @@ from typing import Any, BinaryIO, Final
 
 import trio
 
-from ._config import SHELL_PORT_NAME, MachineConfig
+from ._config import AGENT_PORT_NAME, SHELL_PORT_NAME, MachineConfig
 from ._cpio import CpioWriter
 from ._errors import GuestBuildError
 from ._shell import GUEST_AGENT_PATH, GUEST_AGENT_SCRIPT
 
 __all__ = [
+    "AGENT_LIBRARY_PACKAGES",
+    "AGENT_PACKAGE",
+    "AGENT_WRAPPER_PATH",
     "BOOT_MODULES",
     "CACHE_ENV",
     "DEFAULT_APPEND",
@@ -161,6 +186,31 @@ _XZ_MAGIC: Final = b"\xfd7zXZ\x00"
 _ELF_MAGIC: Final = b"\x7fELF"
 _IMAGE_FILE: Final = "image.json"
 _ENV: Final = {"LC_ALL": "C"}
+
+AGENT_PACKAGE: Final = "qemu-guest-agent"
+"""The Debian package ``qemu-ga`` comes from (for ``agent=True``)."""
+
+AGENT_LIBRARY_PACKAGES: Final = (
+    "libc6",
+    "libglib2.0-0",
+    "libnuma1",
+    "libudev1",
+    "liburing2",
+    "libpcre2-8-0",
+)
+"""The Debian packages holding the libraries ``qemu-ga`` loads; the agent variant takes them
+from here rather than from the host, so its contents follow the versions in its cache key."""
+
+AGENT_WRAPPER_PATH: Final = "/bin/trio-qemu-ga"
+"""The agent variant's script that waits for the agent port and runs ``qemu-ga`` on it."""
+
+#: The agent variant's layout version (part of its cache key, like FORMAT_VERSION).
+_AGENT_FORMAT_VERSION: Final = 1
+#: Where qemu-ga and its libraries go in the guest.
+_QGA_PATH: Final = "usr/sbin/qemu-ga"
+_GUEST_LIBDIR: Final = "lib/x86_64-linux-gnu"
+_LOADER: Final = "ld-linux-x86-64.so.2"
+_LINK_PORTS_PATH: Final = "/bin/trio-link-ports"
 
 _OWN_KERNEL_HINT: Final = (
     "To use a kernel and initramfs of your own instead, give them to the machine directly: "
@@ -264,6 +314,83 @@ _ETC_FILES: Final = {
 }
 
 
+_LINK_PORTS_SCRIPT: Final = r"""#!/bin/sh
+# Link /dev/virtio-ports/<name> to every virtio-serial port whose name is known (what udev
+# does elsewhere). Run by busybox init at sysinit, before the agents start.
+mkdir -p /dev/virtio-ports
+for p in /sys/class/virtio-ports/*; do
+    [ -r "$p/name" ] || continue
+    n=
+    read -r n <"$p/name" 2>/dev/null
+    [ -n "$n" ] && [ ! -e "/dev/virtio-ports/$n" ] && ln -s "../${p##*/}" "/dev/virtio-ports/$n"
+done
+exit 0
+"""
+
+_AGENT_WRAPPER_SCRIPT: Final = rf"""#!/bin/sh
+# Run the QEMU guest agent on its virtio-serial port; restart it if it exits.
+name={AGENT_PORT_NAME}
+port=/dev/virtio-ports/$name
+
+# No virtio-serial device at all: nothing to serve.
+for d in /sys/bus/virtio/drivers/virtio_console/virtio* ''; do [ -e "$d" ] && break; done
+[ -n "$d" ] || exit 0
+
+# The port's name may reach the guest after sysinit linked the others: look every 20 ms,
+# for at most 20 s.
+i=0
+until [ -e "$port" ]; do
+    for p in /sys/class/virtio-ports/*; do
+        n=
+        read -r n <"$p/name" 2>/dev/null
+        [ "$n" = "$name" ] && ln -s "../${{p##*/}}" "$port" 2>/dev/null
+    done
+    [ -e "$port" ] && break
+    i=$((i + 1))
+    [ "$i" -le 1000 ] || exit 0
+    usleep 20000
+done
+
+while :; do
+    /{_QGA_PATH} -m virtio-serial -p "$port"
+    echo "trio-qemu: qemu-ga exited with status $?; restarting it" >&2
+    sleep 1
+done
+"""
+
+_SHUTDOWN_SCRIPT: Final = r"""#!/bin/sh
+# /sbin/shutdown for qemu-ga's guest-shutdown, which runs
+#   shutdown -h -P|-H|-r +0 "hypervisor initiated shutdown"
+# There are no run levels to go through: power off, halt or reboot at once.
+action=poweroff
+for arg in "$@"; do
+    case "$arg" in
+        -r) action=reboot ;;
+        -H) action=halt ;;
+        -P) action=poweroff ;;
+    esac
+done
+sync
+exec "$action" -f
+"""
+
+_AGENT_INITTAB: Final = (
+    f"::sysinit:{_LINK_PORTS_PATH}\n" + _INITTAB + f"::once:{AGENT_WRAPPER_PATH}\n"
+)
+
+
+def _agent_digest(packages: Sequence[_Package]) -> str:
+    """A short hash of what the agent variant adds: its scripts and library packages."""
+    digest = hashlib.sha256()
+    for part in (
+        _LINK_PORTS_SCRIPT, _AGENT_WRAPPER_SCRIPT, _SHUTDOWN_SCRIPT, _AGENT_INITTAB,
+        repr([(p.name, p.version) for p in packages]), str(_AGENT_FORMAT_VERSION),
+    ):  # fmt: skip
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:10]
+
+
 def _script_digest() -> str:
     """A short hash of everything this module puts into the guest besides the packages."""
     digest = hashlib.sha256()
@@ -301,16 +428,27 @@ class GuestImage:
     """The cache key: kernel package, busybox version and this module's layout version."""
     kernel_release: str = ""
     """The guest's ``uname -r`` (e.g. ``6.1.0-56-amd64``)."""
+    agent: bool = False
+    """Whether the guest runs the QEMU guest agent (built with ``agent=True``)."""
 
     def config(self, **fields: Any) -> MachineConfig:
         """A :class:`~trio_qemu.MachineConfig` that boots this guest; ``fields`` override.
 
         Defaults: ``machine="q35"``, ``memory=256`` (MiB), the console and the guest-shell
-        channel on, this image's kernel, initrd and command line, and
+        channel on (and the guest-agent channel, ``agent=True``, when this image has the
+        agent), this image's kernel, initrd and command line, and
         ``args=GUEST_ARGS`` (``-nodefaults -no-reboot``), so that no default devices slow the
         boot and a guest panic, ``poweroff`` or ``reboot`` ends QEMU instead of booting again.
         ``args=`` replaces those; start yours with :data:`GUEST_ARGS` to keep them.
+
+        Raises ValueError for ``agent=True`` on an image without the agent: nothing in that
+        guest would answer on the channel.
         """
+        if fields.get("agent") and not self.agent:
+            raise ValueError(
+                f"the tiny guest {self.version or self.initrd} has no guest agent (qemu-ga); "
+                "get one that has with ensure_guest(agent=True) or build_guest(agent=True)"
+            )
         base = MachineConfig(
             machine="q35",
             memory=256,
@@ -320,6 +458,7 @@ class GuestImage:
             initrd=str(self.initrd),
             append=self.append,
             args=GUEST_ARGS,
+            agent=self.agent,
         )
         return base.replace(**fields) if fields else base
 
@@ -369,6 +508,7 @@ async def ensure_guest(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
     timeout: float = 900.0,
+    agent: bool = False,
     _download_dir: str | os.PathLike[str] | None = None,
 ) -> GuestImage:
     """The tiny guest for the current Debian kernel: the cached one, or built now.
@@ -383,6 +523,12 @@ async def ensure_guest(
     fails but a guest was built before, the newest cached one is used. A build downloads
     about 72 MB and takes some seconds. ``timeout`` bounds the whole call.
 
+    With ``agent=True`` the guest also runs the QEMU guest agent (see the module docstring):
+    the plain guest is ensured first, then its agent variant, cached beside it as
+    ``<plain guest's key>-qga_<version>.<hash>`` (the hash covering the library package
+    versions and the agent's scripts); building that adds about 5 MB of downloads and a
+    second or two.
+
     Raises :class:`~trio_qemu.GuestBuildError` when the tools (``apt-cache``, ``apt-get``,
     ``dpkg-deb``, ``tar``) are missing or fail, when the cache cannot be written, or after
     ``timeout`` seconds; its message says how to boot a kernel and initramfs of one's own
@@ -394,29 +540,31 @@ async def ensure_guest(
     with trio.move_on_after(timeout) as scope:
         try:
             kernel_pkg, busybox_pkg = await _resolve_packages()
+            agent_pkgs = await _resolve_agent_packages() if agent else []
         except GuestBuildError as exc:
-            cached = _newest_cached(guests)
+            cached = _newest_cached(guests, agent=agent)
             if cached is None:
                 raise
             report(f"cannot ask apt for the package versions ({exc.reason}); using {cached}")
             return cached
         key = _cache_key(kernel_pkg, busybox_pkg)
         target = guests / key
-        image = _load_image(target)
-        if image is not None:
-            return image
         reuse = Path(_download_dir) if _download_dir is not None else None
-        try:
-            await _build_into(target, key, kernel_pkg, busybox_pkg, report, reuse)
-        except OSError as exc:
-            raise GuestBuildError(
-                f"cannot build the tiny guest in {guests}: {exc}\n  {_OWN_KERNEL_HINT}"
-            ) from exc
         image = _load_image(target)
         if image is None:
-            raise GuestBuildError(f"the guest in {target} is incomplete (no {_IMAGE_FILE})")
-        report(f"tiny guest ready in {report.since(report.start)}: {target}")
-        return image
+            try:
+                await _build_into(target, key, kernel_pkg, busybox_pkg, report, reuse)
+            except OSError as exc:
+                raise GuestBuildError(
+                    f"cannot build the tiny guest in {guests}: {exc}\n  {_OWN_KERNEL_HINT}"
+                ) from exc
+            image = _load_image(target)
+            if image is None:
+                raise GuestBuildError(f"the guest in {target} is incomplete (no {_IMAGE_FILE})")
+            report(f"tiny guest ready in {report.since(report.start)}: {target}")
+        if not agent:
+            return image
+        return await _ensure_agent_variant(image, guests, agent_pkgs, report, reuse)
     assert scope.cancelled_caught
     raise GuestBuildError(f"building the tiny guest took longer than timeout={timeout} s")
 
@@ -430,6 +578,26 @@ async def _build_into(
     reuse: Path | None,
 ) -> None:
     """Build in a temporary directory beside ``target``, then rename it into place."""
+    report(f"building the tiny guest {key} in {target.parent}")
+    await _build_atomically(
+        target,
+        key,
+        report,
+        partial(
+            _build, kernel_pkg=kernel_pkg, busybox_pkg=busybox_pkg, key=key, report=report,
+            reuse=reuse,
+        ),
+    )  # fmt: skip
+
+
+async def _build_atomically(
+    target: Path,
+    key: str,
+    report: _Reporter,
+    build: Callable[[Path, Path], Awaitable[None]],
+) -> None:
+    """Run ``build(out, build_dir)`` in a temporary directory beside ``target``, then rename
+    ``out`` into place in one step (the loser of a race between builders uses the winner's)."""
     guests = target.parent
     guests.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(guests)
@@ -437,8 +605,7 @@ async def _build_into(
     try:
         out = build_dir / "guest"
         out.mkdir()
-        report(f"building the tiny guest {key} in {guests}")
-        await _build(out, build_dir, kernel_pkg, busybox_pkg, key, report, reuse)
+        await build(out, build_dir)
         try:
             os.rename(out, target)
         except OSError as exc:
@@ -454,12 +621,15 @@ def build_guest(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
     timeout: float = 900.0,
+    agent: bool = False,
 ) -> GuestImage:
     """:func:`ensure_guest` for synchronous callers (a session fixture, a command line).
 
     Runs its own Trio event loop, so it must not be called from inside one.
     """
-    return trio.run(partial(ensure_guest, cache_dir=cache_dir, progress=progress, timeout=timeout))
+    return trio.run(
+        partial(ensure_guest, cache_dir=cache_dir, progress=progress, timeout=timeout, agent=agent)
+    )
 
 
 # --- the cache --------------------------------------------------------------------------
@@ -483,6 +653,7 @@ def _load_image(directory: Path) -> GuestImage | None:
             append=meta["append"],
             version=meta["version"],
             kernel_release=meta["kernel_release"],
+            agent=meta.get("agent", False) is True,
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -491,8 +662,9 @@ def _load_image(directory: Path) -> GuestImage | None:
     return image
 
 
-def _newest_cached(guests: Path) -> GuestImage | None:
-    """The most recently built complete guest under ``guests``, if any."""
+def _newest_cached(guests: Path, *, agent: bool = False) -> GuestImage | None:
+    """The most recently built complete guest under ``guests`` with (``agent=True``) or
+    without the guest agent, if any."""
     try:
         entries = sorted(
             (p for p in guests.iterdir() if not p.name.startswith(".")),
@@ -503,7 +675,7 @@ def _newest_cached(guests: Path) -> GuestImage | None:
         return None
     for entry in entries:
         image = _load_image(entry)
-        if image is not None:
+        if image is not None and image.agent == agent:
             return image
     return None
 
@@ -532,8 +704,12 @@ def _tool_error(
     return GuestBuildError(f"{what}{detail}\n  {_OWN_KERNEL_HINT}")
 
 
-async def _run(argv: Sequence[str], *, cwd: Path | None = None) -> bytes:
-    """Run a tool to completion; return its stdout; raise GuestBuildError on failure."""
+async def _run(
+    argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> bytes:
+    """Run a tool to completion; return its stdout; raise GuestBuildError on failure.
+
+    ``env`` adds to (and overrides) the environment."""
     try:
         result = await trio.run_process(
             list(argv),
@@ -542,7 +718,7 @@ async def _run(argv: Sequence[str], *, cwd: Path | None = None) -> bytes:
             capture_stdout=True,
             capture_stderr=True,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **_ENV},
+            env={**os.environ, **_ENV, **(env or {})},
         )
     except FileNotFoundError as exc:
         raise _tool_error(
@@ -1042,3 +1218,245 @@ def _walk(top: Path) -> Iterable[Path]:
         yield base
         for name in sorted(filenames):
             yield base / name
+
+
+# --- the agent variant --------------------------------------------------------------------
+
+
+async def _resolve_agent_packages() -> list[_Package]:
+    """``qemu-guest-agent`` and :data:`AGENT_LIBRARY_PACKAGES` with their candidate versions
+    and sizes (one ``apt-cache show``)."""
+    names = (AGENT_PACKAGE, *AGENT_LIBRARY_PACKAGES)
+    return await _with_sizes([_Package(name, "", 0) for name in names])
+
+
+def _agent_key(base: GuestImage, packages: Sequence[_Package]) -> str:
+    """The agent variant's cache key: the plain guest's, qemu-ga's version, and a hash of
+    the library package versions and the agent scripts."""
+    raw = f"{base.version}-qga_{packages[0].version}.{_agent_digest(packages)}"
+    return re.sub(r"[^A-Za-z0-9.+_-]", "_", raw)
+
+
+async def _ensure_agent_variant(
+    base: GuestImage,
+    guests: Path,
+    packages: Sequence[_Package],
+    report: _Reporter,
+    reuse: Path | None,
+) -> GuestImage:
+    """The agent variant of ``base``: cached, or built now."""
+    key = _agent_key(base, packages)
+    target = guests / key
+    image = _load_image(target)
+    if image is not None and image.agent:
+        return image
+    start = time.monotonic()
+    report(f"building the tiny guest with the guest agent, {key}, in {guests}")
+    try:
+        await _build_atomically(
+            target,
+            key,
+            report,
+            partial(_build_agent, base=base, packages=packages, key=key, report=report,
+                    reuse=reuse),
+        )  # fmt: skip
+    except OSError as exc:
+        raise GuestBuildError(
+            f"cannot build the tiny guest with the agent in {guests}: {exc}\n  {_OWN_KERNEL_HINT}"
+        ) from exc
+    image = _load_image(target)
+    if image is None or not image.agent:
+        raise GuestBuildError(f"the guest in {target} is incomplete (no {_IMAGE_FILE})")
+    report(f"tiny guest with the agent ready in {report.since(start)}: {target}")
+    return image
+
+
+async def _build_agent(
+    out: Path,
+    build_dir: Path,
+    *,
+    base: GuestImage,
+    packages: Sequence[_Package],
+    key: str,
+    report: _Reporter,
+    reuse: Path | None,
+) -> None:
+    """Download qemu-ga and its libraries; write the variant (kernel linked from ``base``,
+    initramfs = ``base``'s + an appended archive) into ``out``."""
+    debs = await _download(packages, build_dir / "debs", reuse, report)
+
+    start = time.monotonic()
+    report(f"extracting qemu-ga and its libraries from {len(debs)} packages")
+    tree = build_dir / "agent"
+    if await _extract(debs[0], tree, ["*/sbin/qemu-ga"]):
+        raise GuestBuildError(f"{debs[0].name} holds no qemu-ga")
+    for deb in debs[1:]:
+        await _extract(deb, tree, ["*/x86_64-linux-gnu/lib*.so*", f"*/{_LOADER}"])
+    qga = next(tree.glob("**/sbin/qemu-ga"))
+    libraries, interpreter = await _agent_libraries(qga, tree, packages)
+    await _verify_closure(qga, libraries, build_dir / "closure")
+    report(
+        f"qemu-ga needs {len(libraries)} libraries ({', '.join(sorted(libraries))}); "
+        f"{report.since(start)}"
+    )
+
+    start = time.monotonic()
+    report("appending qemu-ga to the initramfs")
+    try:
+        os.link(base.kernel, out / "vmlinux")
+    except OSError:
+        shutil.copyfile(base.kernel, out / "vmlinux")
+    size = _write_agent_initrd(out / "initrd.cpio", base.initrd, qga, libraries, interpreter)
+    report(f"initramfs is {size / 1e6:.1f} MB ({report.since(start)})")
+
+    try:
+        meta = json.loads((base.initrd.parent / _IMAGE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise GuestBuildError(f"cannot read the plain guest's {_IMAGE_FILE}: {exc}") from exc
+    meta.update(
+        {
+            "kernel": "vmlinux",
+            "initrd": "initrd.cpio",
+            "version": key,
+            "agent": True,
+            "base": base.version,
+            "agent_packages": [dataclasses.asdict(p) for p in packages],
+            "agent_libraries": {
+                name: ("package" if path.is_relative_to(tree) else str(path))
+                for name, path in sorted(libraries.items())
+            },
+            "agent_format": _AGENT_FORMAT_VERSION,
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    (out / _IMAGE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+_LDD_RESOLVED = re.compile(r"(\S+) => (.+?)(?: \(0x[0-9a-fA-F]+\))?")
+_LDD_INTERPRETER = re.compile(r"(/\S+) \(0x[0-9a-fA-F]+\)")
+
+
+def _parse_ldd(text: str) -> tuple[dict[str, str], list[str], str | None]:
+    """``ldd`` output as (soname -> path, sonames not found, the program interpreter)."""
+    found: dict[str, str] = {}
+    missing: list[str] = []
+    interpreter: str | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if match := _LDD_RESOLVED.fullmatch(line):
+            name, where = match.groups()
+            if where == "not found":
+                missing.append(name)
+            else:
+                found[name] = where
+        elif match := _LDD_INTERPRETER.fullmatch(line):
+            interpreter = match.group(1)
+    return found, missing, interpreter
+
+
+async def _agent_libraries(
+    qga: Path, tree: Path, packages: Sequence[_Package]
+) -> tuple[dict[str, Path], str]:
+    """Every library ``qemu-ga`` loads (file name in the guest -> file to copy), and its
+    program interpreter's path.
+
+    ``ldd`` resolves them with ``LD_LIBRARY_PATH`` on the libraries extracted from the
+    packages, so those win; one the packages lack comes from the host (logged), and one
+    found nowhere fails the build. The interpreter (the loader) comes from ``libc6``.
+    """
+    dirs = _library_dirs(tree)
+    text = (await _run(["ldd", str(qga)], env={"LD_LIBRARY_PATH": ":".join(dirs)})).decode(
+        "utf-8", "replace"
+    )
+    found, missing, interpreter = _parse_ldd(text)
+    if missing:
+        raise GuestBuildError(
+            f"qemu-ga needs {', '.join(missing)}, which neither "
+            f"{', '.join(p.name for p in packages)} nor this host provide"
+        )
+    if interpreter is None or not found:
+        raise GuestBuildError(f"ldd did not list qemu-ga's libraries:\n{text}")
+    libraries: dict[str, Path] = {}
+    for name, where in found.items():
+        path = Path(where)
+        if not path.is_relative_to(tree):
+            log.warning("%s is not in the packages; taking the host's %s", name, path)
+        libraries[name] = path
+    loader_name = Path(interpreter).name
+    packaged_loader = _packaged_file(tree, loader_name)
+    if packaged_loader is not None:
+        libraries[loader_name] = packaged_loader
+    else:
+        log.warning("the loader is not in the packages; taking the host's %s", interpreter)
+        libraries[loader_name] = Path(interpreter)
+    return libraries, interpreter
+
+
+def _library_dirs(tree: Path) -> list[str]:
+    """The multiarch library directories extracted under ``tree``."""
+    return sorted(str(d) for d in tree.glob("**/x86_64-linux-gnu") if d.is_dir())
+
+
+def _packaged_file(tree: Path, name: str) -> Path | None:
+    """The regular file called ``name`` under ``tree`` (a symlink only if there is no file:
+    Debian's ``/lib64`` loader link is absolute and would point at the host's)."""
+    matches = sorted(tree.glob(f"**/{_glob_escape(name)}"))
+    files = [path for path in matches if not path.is_symlink()]
+    chosen = files or matches
+    return chosen[0] if chosen else None
+
+
+async def _verify_closure(qga: Path, libraries: dict[str, Path], staging: Path) -> None:
+    """Check with ``ldd`` that ``libraries`` alone satisfy ``qemu-ga``: copy them into one
+    directory, as the guest will have them, and require every library to resolve there."""
+    _mkdir(staging)
+    for name, path in libraries.items():
+        shutil.copyfile(path, staging / name)
+    program = staging / "qemu-ga"
+    shutil.copyfile(qga, program)
+    program.chmod(0o755)
+    text = (await _run(["ldd", str(program)], env={"LD_LIBRARY_PATH": str(staging)})).decode(
+        "utf-8", "replace"
+    )
+    found, missing, _ = _parse_ldd(text)
+    outside = sorted(name for name, where in found.items() if Path(where).parent != staging)
+    if missing or outside or set(found) - set(libraries):
+        raise GuestBuildError(
+            f"qemu-ga's libraries are incomplete (missing {missing}, resolved outside the "
+            f"initramfs {outside}):\n{text}"
+        )
+
+
+def _write_agent_initrd(
+    target: Path,
+    base_initrd: Path,
+    qga: Path,
+    libraries: dict[str, Path],
+    interpreter: str,
+) -> int:
+    """The plain guest's initramfs with a second archive appended: qemu-ga, its libraries,
+    ``/sbin/shutdown``, the port and agent scripts and the extended inittab. Returns the
+    size in bytes.
+
+    The plain archive already has ``bin``, ``sbin``, ``usr/sbin``, ``lib``, ``etc`` and
+    ``var``; the appended one adds only the directories that are new.
+    """
+    shutil.copyfile(base_initrd, target)
+    with open(target, "ab") as file, CpioWriter(file) as cpio:
+        cpio.directory(_GUEST_LIBDIR)
+        loader_in_libdir = f"/{_GUEST_LIBDIR}/{Path(interpreter).name}"
+        if interpreter != loader_in_libdir:
+            parent = str(Path(interpreter).parent).lstrip("/")
+            if parent not in ("lib", _GUEST_LIBDIR):
+                cpio.directory(parent)
+            cpio.symlink(interpreter, loader_in_libdir)
+        cpio.file(_QGA_PATH, qga.read_bytes(), mode=0o755)
+        for name, path in sorted(libraries.items()):
+            cpio.file(f"{_GUEST_LIBDIR}/{name}", path.read_bytes(), mode=0o755)
+        cpio.file("sbin/shutdown", _SHUTDOWN_SCRIPT.encode(), mode=0o755)
+        cpio.file(_LINK_PORTS_PATH.lstrip("/"), _LINK_PORTS_SCRIPT.encode(), mode=0o755)
+        cpio.file(AGENT_WRAPPER_PATH.lstrip("/"), _AGENT_WRAPPER_SCRIPT.encode(), mode=0o755)
+        cpio.file("etc/inittab", _AGENT_INITTAB.encode())
+        cpio.symlink("var/run", "/run")
+        cpio.close()
+    return target.stat().st_size
