@@ -304,7 +304,7 @@ def fake_variants() -> list[Variant]:
         Variant(
             "trio_1_each_n",
             f"trio_qemu, 1 subscriber, receive() per event, buffer n (n <= {EACH_N_MAX:,})",
-        ),  # fmt: skip
+        ),
         Variant("asyncio", "qemu.qmp asyncio QMPClient + EventListener"),
     ]
 

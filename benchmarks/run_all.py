@@ -1,6 +1,6 @@
 """Run every benchmark, then write a summary, a chart and ``docs/performance.md``.
 
-    .venv/bin/python benchmarks/run_all.py            # full sizes (tens of minutes)
+    .venv/bin/python benchmarks/run_all.py            # full sizes (about 10 minutes)
     .venv/bin/python benchmarks/run_all.py --quick    # small sizes: proves everything runs
     .venv/bin/python benchmarks/run_all.py --only events,console
     .venv/bin/python benchmarks/run_all.py --no-run   # rebuild the reports from the JSON files
@@ -450,7 +450,7 @@ def write_chart(figures: list[Figure], machine: dict[str, Any]) -> Path | None:
                        va="center", fontsize=8)  # fmt: skip
     else:
         right.set_axis_off()
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     path = RESULTS_DIR / "summary.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

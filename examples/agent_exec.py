@@ -40,7 +40,7 @@ async def main() -> None:
             # for the exit first tells the machine that it is expected.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(vm.wait, 30)
-                await trio.sleep(0)  # let vm.wait begin
+                await trio.lowlevel.checkpoint()  # let vm.wait begin
                 await agent.shutdown()
     print(f"QEMU exited with status {vm.returncode}")
 

@@ -481,7 +481,7 @@ async def test_shutdown_ends_qemu(agent_guest: GuestImage) -> None:
                 codes.append(await vm.wait(timeout=30))
 
             nursery.start_soon(wait_for_exit)  # QEMU's exit is expected from here on
-            await trio.sleep(0)  # let vm.wait begin
+            await trio.lowlevel.checkpoint()  # let vm.wait begin
             start = time.monotonic()
             await agent.shutdown()
         print(f"guest-shutdown to QEMU's exit: {time.monotonic() - start:.2f} s")

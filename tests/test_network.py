@@ -523,6 +523,7 @@ async def test_loss_delay_and_link_down_at_the_switch(
                 some = await ping(va, "10.0.0.2", count=20, interval=0.1, wait=1)
                 assert some.transmitted == 20
                 assert 3 <= some.received <= 17, some.output
+                print(f"\nloss 0.3 both ways: {some.received}/20 replies")
                 switch.set_loss("b", 0.0)
 
                 switch.set_delay("b", 0.1)  # 0.1 s each way

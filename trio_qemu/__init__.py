@@ -26,6 +26,8 @@ from ._errors import MachineError as MachineError
 from ._errors import MachineExited as MachineExited
 from ._errors import MachineTimeout as MachineTimeout
 from ._errors import MigrationError as MigrationError
+from ._errors import NetworkError as NetworkError
+from ._errors import NetworkTimeout as NetworkTimeout
 from ._errors import QMPBadMessage as QMPBadMessage
 from ._errors import QMPConnectionClosed as QMPConnectionClosed
 from ._errors import QMPGreetingError as QMPGreetingError
@@ -82,6 +84,8 @@ __all__ = [
     "MachineExited",
     "MachineTimeout",
     "MigrationError",
+    "NetworkError",
+    "NetworkTimeout",
     "QMPBadMessage",
     "QMPClient",
     "QMPConnectionClosed",

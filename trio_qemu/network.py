@@ -475,7 +475,7 @@ class Link(_Network):
 
     ``link.attach(config_a)`` and ``link.attach(config_b)`` give each config one end; a third
     attach raises ValueError. Nothing runs in this process: frames never pass through it, so
-    a link adds no latency (about 1.5-2 ms ping round trips under TCG, the guests' own
+    a link adds no latency (a 1.6 ms median ping round trip under TCG here, the guests' own
     cost). Its only control is QEMU's ``set_link`` (:meth:`set_nic_link`). When one QEMU
     exits the other keeps running with its carrier up; its frames then go nowhere.
 
@@ -634,8 +634,10 @@ class Switch(_Network):
     :meth:`start_capture` (every frame the switch receives, into a classic pcap file;
     ``pcap=`` starts one when the switch starts).
 
-    Measured under TCG here: ping through the switch takes the same ~1.5-2 ms as a direct
-    link (the guests dominate); a Python peer flooding it moves about 100,000 frames/s.
+    Measured here (2 cores, TCG guests): ping between two guests has a median round trip of
+    2.1 ms through the switch and 1.6 ms over a :class:`Link` (the guests dominate); between
+    Python peers the switch adds ~11 us per frame, and one flooding it moves ~125,000
+    frames/s (~95,000 while capturing to pcap).
 
     ``name`` is the netdev id in every attached QEMU and seeds the MACs. Ports may be added
     before or while the switch runs. A switch runs once: leaving :meth:`running` (or
