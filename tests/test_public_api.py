@@ -43,7 +43,7 @@ def test_design_api_names_are_public() -> None:
         assert name in trio_qemu.__all__, name
     for attr in (
         "qmp", "cmd", "subscribe", "event_wait", "events_wait", "send_fd_scm", "console",
-        "shell", "hmp", "screenshot", "shutdown", "kill", "wait", "is_running", "log",
+        "shell", "agent", "hmp", "screenshot", "shutdown", "kill", "wait", "is_running", "log",
         "pid", "returncode", "temp_dir", "log_dir",
     ):  # fmt: skip
         assert hasattr(trio_qemu.Machine, attr), attr

@@ -15,6 +15,8 @@ from ._config import kvm_usable as kvm_usable
 from ._config import resolve_accel as resolve_accel
 from ._console import Console as Console
 from ._errors import AbnormalShutdown as AbnormalShutdown
+from ._errors import AgentError as AgentError
+from ._errors import AgentTimeout as AgentTimeout
 from ._errors import ConsoleClosed as ConsoleClosed
 from ._errors import ConsoleFailure as ConsoleFailure
 from ._errors import ConsoleTimeout as ConsoleTimeout
@@ -52,6 +54,8 @@ from ._qmp import QMPClient as QMPClient
 from ._qmp import open_qmp as open_qmp
 from ._shell import GuestResult as GuestResult
 from ._shell import Shell as Shell
+from .agent import GuestAgent as GuestAgent
+from .agent import open_agent as open_agent
 from .guest import GuestImage as GuestImage
 from .guest import build_guest as build_guest
 from .guest import ensure_guest as ensure_guest
@@ -65,6 +69,8 @@ _logging.getLogger("trio_qemu").addHandler(_logging.NullHandler())
 
 __all__ = [
     "AbnormalShutdown",
+    "AgentError",
+    "AgentTimeout",
     "ChannelFds",
     "Console",
     "ConsoleClosed",
@@ -73,6 +79,7 @@ __all__ = [
     "EventsDropped",
     "ExecuteError",
     "FdSpec",
+    "GuestAgent",
     "GuestBuildError",
     "GuestCommandError",
     "GuestImage",
@@ -110,6 +117,7 @@ __all__ = [
     "incoming_config",
     "kvm_usable",
     "migrate",
+    "open_agent",
     "open_machine",
     "open_machines",
     "open_qmp",

@@ -53,6 +53,7 @@ from ._process import QemuProcess
 from ._qmp import QMPClient
 from ._shell import Shell
 from ._transport import Listener, socketpair_stream
+from .agent import GuestAgent
 
 __all__ = ["Machine", "open_machine", "open_machines", "start_machine"]
 
@@ -88,6 +89,9 @@ class Machine:
         self._qmp: QMPClient | None = None
         self._console: Console | None = None
         self._shell: Shell | None = None
+        self._agent: GuestAgent | None = None
+        #: where lazily started services (the agent's reader) run; set by _launch
+        self._nursery: trio.Nursery | None = None
         self._extra_streams: dict[str, trio.SocketStream] = {}
         #: our ends of the monitor and console connections, closed at teardown
         self._own_streams: list[trio.SocketStream] = []
@@ -181,6 +185,32 @@ class Machine:
             if self._torn_down.is_set() or self.failure is not None:
                 self._shell.close(self.failure)
         return self._shell
+
+    @property
+    def agent(self) -> GuestAgent:
+        """The QEMU guest agent over the agent channel (needs ``agent=True`` and a guest that
+        runs qemu-ga, like ``ensure_guest(agent=True)``'s). Its reader starts on first use;
+        calls wait for the agent to answer within their own timeouts."""
+        if self._agent is None:
+            agent = GuestAgent(
+                self.channel("agent"),
+                name=f"{self.name}.agent",
+                timeout=self.config.qmp_timeout,
+                on_eof=self._on_qmp_eof,
+                on_shutdown=self._agent_shutdown,
+            )
+            self._agent = agent
+            if self._torn_down.is_set() or self.failure is not None or self._nursery is None:
+                agent.fail(self.failure)
+            else:
+                self._nursery.start_soon(self._service, agent.run)
+        return self._agent
+
+    def _agent_shutdown(self, mode: str) -> None:
+        """``guest-shutdown`` is being sent: when it will end QEMU, that exit is expected
+        (as after ``quit``), not reported as MachineExited."""
+        if mode == "powerdown" or (mode == "reboot" and "-no-reboot" in self.argv):
+            self._quit_issued = True
 
     def channel(self, name: str) -> trio.SocketStream:
         """Our end of the ``shell`` or ``agent`` socketpair channel."""
@@ -288,6 +318,7 @@ class Machine:
     # -- launch --------------------------------------------------------------------------
     async def _launch(self, nursery: trio.Nursery) -> None:
         config = self.config
+        self._nursery = nursery
         try:
             self._temp_dir = Path(
                 tempfile.mkdtemp(prefix=f"trio-qemu-{self.name}-", dir=config.base_temp_dir)
@@ -509,6 +540,8 @@ class Machine:
             self._console.close(error)
         if self._shell is not None:
             self._shell.close(error)
+        if self._agent is not None:
+            self._agent.fail(error)
 
     async def _supervise(self) -> None:
         """Turns QEMU's unexpected death into teardown plus cancellation of the user's body,
@@ -639,6 +672,8 @@ class Machine:
             self._console.close(self._exit_error)
         if self._shell is not None:
             self._shell.close(self._exit_error or closed)
+        if self._agent is not None:
+            self._agent.fail(self._exit_error or closed)
         for stream in [*self._own_streams, *self._extra_streams.values()]:
             stream.socket.close()
         if self._process is not None:
