@@ -669,9 +669,12 @@ def main(argv: list[str] | None = None) -> int:
         })  # fmt: skip
     print("\nratios (of medians; events/s, higher is faster; memory: lower is flatter):")
     print_ratios(ratios)
-    best = rate.get("real.trio_1_batch", rate["fake.trio_1_batch"])
-    print(f"\ntarget >= {TARGET_EVENTS:,} events/s (1 subscriber, "
-          f"{'real QEMU' if real else 'fake peer'}): measured {best:,.0f}")  # fmt: skip
+    print(f"\ntarget >= {TARGET_EVENTS:,} events/s with 1 subscriber:")
+    if fake["trio_1_batch"].runs:
+        print(f"  fake peer (the reader's capacity): {rate['fake.trio_1_batch']:,.0f}")
+    if real:
+        print(f"  real QEMU (bounded by QEMU's own rate, {rate['real.raw']:,.0f} here): "
+              f"{rate['real.trio_1_batch']:,.0f}")  # fmt: skip
 
     path = write_results(NAME, {
         "params": {"n": n, "repeat": repeat, "mem_n": mem_n, "seconds": seconds,

@@ -67,7 +67,7 @@ def test_defaults() -> None:
     assert config.console is False
     assert config.console_buffer == 1024 * 1024
     assert (config.launch_timeout, config.qmp_timeout, config.shutdown_timeout) == (30, 30, 30)
-    assert (config.event_buffer, config.event_cache) == (256, 1000)
+    assert (config.event_buffer, config.event_cache) == (2048, 1000)
     assert config.args == config.wrapper == ()
     assert config.fds == ()
     assert config.pass_fds() == ()

@@ -185,8 +185,10 @@ class MachineConfig:
     """Default per-command QMP timeout in seconds."""
     shutdown_timeout: float = 30.0
     """Seconds a graceful shutdown may take before QEMU is killed."""
-    event_buffer: int = 256
-    """Default channel size of each event subscription; a full one drops (and counts)."""
+    event_buffer: int = 2048
+    """Default channel size of each event subscription; a full one drops (and counts).
+    One 64 KiB read from a flooding QEMU holds ~540 events, all published before any
+    subscriber runs: 2048 absorbs a few such reads (a few MiB at most)."""
     event_cache: int = 1000
     """How many unclaimed events are kept for ``event_wait`` (oldest dropped first)."""
     fds: Sequence[FdSpec] = ()

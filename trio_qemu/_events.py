@@ -191,7 +191,7 @@ class EventHub:
     """Copies each published event to matching subscriptions, and hands it to the first
     matching waiter or else keeps it in the unclaimed cache."""
 
-    def __init__(self, *, cache_size: int = 1000, default_buffer: int = 256) -> None:
+    def __init__(self, *, cache_size: int = 1000, default_buffer: int = 2048) -> None:
         if cache_size < 0 or default_buffer < 1:
             raise ValueError("cache_size must be >= 0 and default_buffer >= 1")
         self.default_buffer = default_buffer

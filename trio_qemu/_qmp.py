@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import itertools
+import json
 import logging
 import math
 import os
@@ -160,7 +161,7 @@ class QMPClient:
         name: str = "qmp",
         timeout: float = 30.0,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        event_buffer: int = 256,
+        event_buffer: int = 2048,
         event_cache: int = 1000,
         transcript: int = 64,
     ) -> None:
@@ -291,10 +292,17 @@ class QMPClient:
 
     # -- reading -------------------------------------------------------------------------
     def _decode(self, line: bytes) -> dict[str, Any]:
+        """One message as a dict: the checks of ``qemu.qmp.Message`` (JSON, an object), plus
+        strict UTF-8. Decoded with ``json`` directly: wrapping each message in ``Message``
+        and copying it out doubled the reader's cost per event (3.0 vs 1.5 us measured),
+        and the reader must keep pace with QEMU's event floods."""
         try:
-            return dict(Message(line))
-        except Exception as exc:  # not JSON, not an object, not UTF-8 (qemu.qmp's errors)
+            obj = json.loads(line.decode("utf-8"))
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             raise QMPBadMessage(f"malformed QMP message: {exc}", line) from exc
+        if not isinstance(obj, dict):
+            raise QMPBadMessage("QMP message is not a JSON object", line)
+        return obj
 
     async def run(
         self,
