@@ -20,7 +20,6 @@ so cursors stay meaningful while the ring buffer moves on.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from typing import IO, TypeAlias
 
 import trio
 
-from ._errors import ConsoleClosed, ConsoleFailure, ConsoleTimeout, MachineError
+from ._errors import ConsoleClosed, ConsoleFailure, ConsoleTimeout, MachineError, copy_error
 
 __all__ = ["Console", "ConsolePattern"]
 
@@ -46,21 +45,6 @@ _RECEIVE_SIZE = 65536
 _REGEX_CONTEXT = 256
 _TAIL_SIZE = 4096
 
-
-def _copy_error(error: BaseException) -> BaseException:
-    """A fresh copy of ``error`` to raise in one more task (``error`` itself if it won't copy).
-
-    Raising one exception object in several tasks would splice their tracebacks together.
-    """
-    try:
-        clone = copy.copy(error)
-    except Exception:
-        return error
-    if type(clone) is not type(error):
-        return error
-    clone.__cause__ = error.__cause__
-    clone.__suppress_context__ = error.__suppress_context__
-    return clone.with_traceback(None)
 
 
 @dataclass(slots=True)
@@ -320,7 +304,7 @@ class Console:
 
     def _closed_error(self, what: str) -> BaseException:
         if self._end_error is not None:
-            return _copy_error(self._end_error)
+            return copy_error(self._end_error)
         return ConsoleClosed(
             f"{self._name}: the console ended ({self._end_reason}) {what}", self.tail()
         )
@@ -484,7 +468,7 @@ class Console:
 
     def _not_writable(self, reason: str | None = None) -> BaseException:
         if self._end_error is not None:
-            return _copy_error(self._end_error)
+            return copy_error(self._end_error)
         if reason is None:
             if self._ended:
                 reason = f"the console ended ({self._end_reason})"

@@ -7,6 +7,7 @@ written against ``qemu.qmp`` keeps catching them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 from qemu.qmp.error import ProtocolError, QMPError
@@ -42,6 +43,23 @@ __all__ = [
     "ShellError",
     "ShellTimeout",
 ]
+
+
+def copy_error(error: BaseException) -> BaseException:
+    """A fresh copy of ``error`` to raise in one more task (``error`` itself if it won't copy).
+
+    One failure (QEMU died, the peer broke the protocol) ends many waits at once; raising
+    the same exception object in several tasks would splice their tracebacks together.
+    """
+    try:
+        clone = copy.copy(error)
+    except Exception:
+        return error
+    if type(clone) is not type(error):
+        return error
+    clone.__cause__ = error.__cause__
+    clone.__suppress_context__ = error.__suppress_context__
+    return clone.with_traceback(None)
 
 
 def _tail(text: str, lines: int = 20) -> str:

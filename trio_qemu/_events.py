@@ -13,7 +13,6 @@ cleared). A subscription watching events therefore never steals them from ``even
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections import deque
@@ -23,7 +22,7 @@ from typing import Any, Self
 
 import trio
 
-from ._errors import EventsDropped, QMPConnectionClosed, QMPTimeout
+from ._errors import EventsDropped, QMPConnectionClosed, QMPTimeout, copy_error
 
 __all__ = ["EventHub", "QMPEvent", "Subscription", "event_match"]
 
@@ -64,16 +63,6 @@ def only_cancelled(exc: BaseException) -> bool:
         return exc.split(trio.Cancelled)[1] is None
     return False
 
-
-def _copy_error(error: BaseException) -> BaseException:
-    """A fresh copy of ``error`` to raise in one more task (one instance raised in many tasks
-    grows a shared traceback)."""
-    try:
-        clone = copy.copy(error)
-    except Exception:  # pragma: no cover - exotic exceptions
-        return error
-    clone.__cause__ = error.__cause__
-    return clone
 
 
 class Subscription:
@@ -243,7 +232,7 @@ class EventHub:
 
     def _raise_error(self) -> None:
         if self._error is not None:
-            raise _copy_error(self._error)
+            raise copy_error(self._error)
 
     # -- the users' side ---------------------------------------------------------------
     def subscribe(

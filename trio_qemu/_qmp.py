@@ -38,8 +38,9 @@ from ._errors import (
     QMPProtocolError,
     QMPTimeout,
     QMPUnexpectedReply,
+    copy_error,
 )
-from ._events import EventHub, QMPEvent, Subscription, _copy_error, only_cancelled
+from ._events import EventHub, QMPEvent, Subscription, only_cancelled
 from ._transport import Address, Listener, connect
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "QMPClient", "open_qmp"]
@@ -231,7 +232,7 @@ class QMPClient:
 
     def _closed_error(self, what: str) -> BaseException:
         if self._error is not None:
-            return _copy_error(self._error)
+            return copy_error(self._error)
         return QMPConnectionClosed(f"{self.name}: the QMP connection is closed ({what})")
 
     # -- handshake -------------------------------------------------------------------------
@@ -598,9 +599,9 @@ async def open_qmp(
             nursery.cancel_scope.cancel()
         if body_error is not None:
             if only_cancelled(body_error) and client.error is not None:
-                raise _copy_error(client.error)
+                raise copy_error(client.error)
             raise body_error
         if client.error is not None and reader_done.is_set():
-            raise _copy_error(client.error)
+            raise copy_error(client.error)
     finally:
         await client.aclose()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import itertools
 import logging
 import secrets
@@ -47,7 +46,7 @@ from typing import Final
 
 import trio
 
-from ._errors import GuestCommandError, ShellError, ShellTimeout
+from ._errors import GuestCommandError, ShellError, ShellTimeout, copy_error
 
 __all__ = ["GUEST_AGENT_PATH", "GUEST_AGENT_SCRIPT", "GuestResult", "Shell"]
 
@@ -278,17 +277,6 @@ class _Reply:
         return data
 
 
-def _copy_error(error: BaseException) -> BaseException:
-    """A fresh copy of ``error`` to raise in one more task (``error`` itself if it won't copy)."""
-    try:
-        clone = copy.copy(error)
-    except Exception:
-        return error
-    if type(clone) is not type(error):
-        return error
-    clone.__cause__ = error.__cause__
-    return clone.with_traceback(None)
-
 
 class Shell:
     """Run commands in the guest over the guest-shell channel; one command at a time.
@@ -466,7 +454,7 @@ class Shell:
     def _raise_if_closed(self) -> None:
         if self._closed:
             if self._close_error is not None:
-                raise _copy_error(self._close_error)
+                raise copy_error(self._close_error)
             raise ShellError(f"{self.name}: the shell is closed")
         if self._broken is not None:
             raise ShellError(f"{self.name}: the shell channel is unusable: {self._broken}")

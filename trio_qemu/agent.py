@@ -45,8 +45,7 @@ from typing import Any, Final, Protocol
 
 import trio
 
-from ._errors import AgentError, AgentTimeout, QMPConnectionClosed, QMPTimeout
-from ._events import _copy_error
+from ._errors import AgentError, AgentTimeout, QMPConnectionClosed, QMPTimeout, copy_error
 from ._qmp import QMPClient
 from ._shell import GuestResult
 
@@ -182,9 +181,9 @@ class GuestAgent:
 
     def _closed_error(self, what: str) -> BaseException:
         if self._error is not None:
-            return _copy_error(self._error)
+            return copy_error(self._error)
         if self._client is not None and self._client.error is not None:
-            return _copy_error(self._client.error)
+            return copy_error(self._client.error)
         return QMPConnectionClosed(f"{self.name}: the guest agent channel is closed ({what})")
 
     # -- the reader ----------------------------------------------------------------------

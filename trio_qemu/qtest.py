@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import logging
 import math
 import os
@@ -69,6 +68,7 @@ from ._errors import (
     QtestInvalidRequest,
     QtestProtocolError,
     QtestTimeout,
+    copy_error,
 )
 from ._machine import Machine, open_machine
 from ._transport import socketpair_stream
@@ -416,16 +416,6 @@ class _Pending:
         self.abandoned = False
 
 
-def _copy_error(error: BaseException) -> BaseException:
-    """A fresh copy of ``error`` to raise in one more task (one instance raised in many tasks
-    grows a shared traceback)."""
-    try:
-        clone = copy.copy(error)
-    except Exception:  # pragma: no cover - exotic exceptions
-        return error
-    clone.__cause__ = error.__cause__
-    return clone
-
 
 def _uint(what: str, value: int, bits: int) -> int:
     """``value`` if it is an int in [0, 2**bits), else TypeError / QtestInvalidRequest."""
@@ -535,7 +525,7 @@ class QtestMachine:
                 elif not slot.done.is_set():
                     slot.abandoned = True
         if slot.error is not None:
-            raise _copy_error(slot.error)
+            raise copy_error(slot.error)
         if slot.reply is None:
             if self._error is not None:
                 self._raise_error()
@@ -592,7 +582,7 @@ class QtestMachine:
                 "deadline (QEMU stopped reading), part of a line may be on the wire"
             )
             self._fail(error)
-            raise _copy_error(error)
+            raise copy_error(error)
 
     async def _send_failed(self, exc: BaseException) -> NoReturn:
         """A send failed (EPIPE: QEMU is gone). Fail the channel with QEMU's death when that
@@ -603,14 +593,14 @@ class QtestMachine:
             or QtestProtocolError(f"{self.name}: qtest channel unusable: cannot send: {exc!r}")
         )
         assert self._error is not None
-        error = _copy_error(self._error)
+        error = copy_error(self._error)
         if error.__cause__ is None:
             error.__cause__ = exc
         raise error
 
     def _raise_error(self) -> None:
         if self._error is not None:
-            raise _copy_error(self._error)
+            raise copy_error(self._error)
 
     def _raise_unless_orderly(self) -> None:
         """For the IRQ streams: end quietly (EndOfChannel) after the block ended normally."""
