@@ -62,8 +62,10 @@ log = logging.getLogger("trio_qemu.machine")
 _names = itertools.count(1)
 #: A hard stop's wait for the kernel to reap a SIGKILLed QEMU; it is quick, but bounded.
 _REAP_TIMEOUT = 10.0
-#: How long a QMP EOF waits for QEMU's exit status, to report that rather than "EOF".
-_EOF_GRACE = 1.0
+#: How long a channel's EOF waits for QEMU's exit status, so that waiters get MachineExited
+#: rather than a bare "closed" (a dying QEMU's EOF comes ~2 ms before it is reaped). Short,
+#: because when QEMU closed a channel and runs on, that error must still come at once.
+_EOF_GRACE = 0.25
 
 
 def _merge(config: MachineConfig | None, fields: Mapping[str, Any]) -> MachineConfig:

@@ -124,7 +124,7 @@ newline after each piece, so a line's cost grows with the square of its length. 
 _MAX_LINE: Final = 2 * MAX_TRANSFER + 64
 """The longest reply line accepted (a hex ``read`` of :data:`MAX_TRANSFER` bytes)."""
 
-_EOF_GRACE: Final = 1.0
+_EOF_GRACE: Final = 0.25
 """At EOF on the qtest channel, how long to wait for QEMU's exit to be known, so waiters
 fail with :class:`~trio_qemu.MachineExited` rather than a bare "closed"."""
 
