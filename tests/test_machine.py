@@ -413,3 +413,11 @@ async def test_monitor_on_tcp_loopback() -> None:
         assert not chardev.endswith("port=0")  # the real port QEMU connected to
         assert (await vm.cmd("query-status"))["running"] is True
     assert vm.returncode == 0
+
+
+async def test_a_name_with_a_path_separator_is_only_a_label() -> None:
+    async with trio_qemu.open_machine(machine="none", args=["-nodefaults"], name="rack/a") as vm:
+        assert vm.name == "rack/a"
+        assert "/" not in vm.temp_dir.name
+        assert (await vm.cmd("query-status"))["running"] is True
+    assert vm.returncode == 0

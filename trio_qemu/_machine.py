@@ -84,6 +84,8 @@ class Machine:
         self.config = config
         #: the label used in logs and errors
         self.name = config.name or f"qemu-{os.getpid()}-{next(_names)}"
+        # The name as a file name part (temp dir, log file): no path separators.
+        self._file_name = self.name.replace(os.sep, "_").replace("\0", "_") or "qemu"
         self.argv: list[str] = []
         self._temp_dir: Path | None = None
         self._log_dir: Path | None = None
@@ -323,7 +325,7 @@ class Machine:
         self._nursery = nursery
         try:
             self._temp_dir = Path(
-                tempfile.mkdtemp(prefix=f"trio-qemu-{self.name}-", dir=config.base_temp_dir)
+                tempfile.mkdtemp(prefix=f"trio-qemu-{self._file_name}-", dir=config.base_temp_dir)
             )
         except OSError as exc:
             raise LaunchError(
@@ -369,7 +371,7 @@ class Machine:
             self._process = QemuProcess(
                 self.argv,
                 pass_fds=[*(s.fileno() for s in theirs), *config.pass_fds()],
-                log_path=self._log_dir / f"{self.name}.log",
+                log_path=self._log_dir / f"{self._file_name}.log",
                 on_exit=self._process_exited,
             )
             log.info("%s: starting %s", self.name, " ".join(self.argv))

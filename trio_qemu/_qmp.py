@@ -328,7 +328,7 @@ class QMPClient:
                     if on_eof is not None:
                         await on_eof()
                     self.fail(None)
-                    return
+                    break
                 self._dispatch(line)
         except QMPProtocolError as exc:
             log.warning("%s: %s; closing the connection", self.name, exc)
