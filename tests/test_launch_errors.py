@@ -9,34 +9,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from census import pid_gone, qemu_children
 
 import trio_qemu
 from trio_qemu import LaunchError
-
-
-def qemu_children() -> set[int]:
-    """Pids of our child processes running QEMU, zombies included (not reaped yet)."""
-    me = os.getpid()
-    found: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        close = stat.rindex(b")")
-        comm = stat[stat.index(b"(") + 1 : close]
-        ppid = int(stat[close + 2 :].split()[1])
-        if ppid == me and comm.startswith(b"qemu-system"):
-            found.add(int(entry))
-    return found
-
-
-def pid_gone(pid: int) -> bool:
-    """Whether ``pid`` no longer exists at all (exited *and* reaped)."""
-    return not Path(f"/proc/{pid}").exists()
 
 
 @pytest.fixture

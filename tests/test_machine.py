@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from census import assert_gone, open_fds, pid_gone, qemu_children
 
 import trio_qemu
 from trio_qemu import LaunchError, MachineConfig, MachineTimeout
@@ -28,43 +29,12 @@ SEABIOS_LOOP = ["-nodefaults", "-boot", "reboot-timeout=0"]
 
 
 # -- helpers -----------------------------------------------------------------------------
-def qemu_children() -> set[int]:
-    """Pids of our child processes running QEMU, zombies included (not reaped yet)."""
-    me = os.getpid()
-    found: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        close = stat.rindex(b")")
-        comm = stat[stat.index(b"(") + 1 : close]
-        ppid = int(stat[close + 2 :].split()[1])
-        if ppid == me and comm.startswith(b"qemu-system"):
-            found.add(int(entry))
-    return found
 
 
-def pid_gone(pid: int | None) -> bool:
-    """Whether ``pid`` no longer exists at all (exited *and* reaped)."""
-    assert pid is not None
-    return not Path(f"/proc/{pid}").exists()
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
-def assert_gone(vm: trio_qemu.Machine) -> None:
-    assert vm.pid is not None
-    assert not vm.is_running()
-    assert pid_gone(vm.pid), f"QEMU pid {vm.pid} still exists"
-    assert vm.temp_dir is not None
-    assert not vm.temp_dir.exists(), f"{vm.temp_dir} was not removed"
 
 
 # -- lifecycle ---------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import trio
+from census import assert_gone
 
 import trio_qemu
 from trio_qemu import AbnormalShutdown, MachineExited
@@ -20,17 +20,8 @@ from trio_qemu import AbnormalShutdown, MachineExited
 PROMPT = 0.5
 
 
-def pid_gone(pid: int | None) -> bool:
-    """Whether ``pid`` no longer exists at all (exited *and* reaped)."""
-    assert pid is not None
-    return not Path(f"/proc/{pid}").exists()
 
 
-def assert_gone(vm: trio_qemu.Machine) -> None:
-    assert not vm.is_running()
-    assert pid_gone(vm.pid), f"QEMU pid {vm.pid} still exists"
-    assert vm.temp_dir is not None
-    assert not vm.temp_dir.exists(), f"{vm.temp_dir} was not removed"
 
 
 async def _kill_later(pid: int | None, delay: float, killed_at: list[float]) -> None:

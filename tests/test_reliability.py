@@ -50,6 +50,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from census import qemu_children
 
 import trio_qemu
 from trio_qemu import (
@@ -78,25 +79,6 @@ CLOSED_CHANNEL_BOUND = 2.5
 
 
 # -- the census ------------------------------------------------------------------------------
-def qemu_children() -> set[int]:
-    """Pids of our child processes running QEMU, zombies included (not reaped yet)."""
-    me = os.getpid()
-    found: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        close = data.rindex(b")")
-        comm = data[data.index(b"(") + 1 : close]
-        ppid = int(data[close + 2 :].split()[1])
-        if ppid == me and comm.startswith(b"qemu-system"):
-            found.add(int(entry))
-    return found
 
 
 def open_fds(pid: int | str = "self") -> dict[int, str]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_reliability import Census, make_base, open_fds, qemu_children
+from census import qemu_children
+from test_reliability import Census, make_base, open_fds
 
 import trio_qemu
 from trio_qemu import MachineConfig
