@@ -25,10 +25,17 @@ anything that does not parse is ignored, so junk or a request cut short cannot d
 
 Lines the guest sends start with ``#``, which base64 never contains. The command is
 base64-encoded on the request line, so no byte of it can break the framing; the request line
-ends with its id again, so a line cut short is never run. The guest runs each command as
-``setsid sh -c COMMAND`` in the background with stdout and stderr in files, records its pid,
-and answers when it exits; a kill request kills its whole process group, and a result whose
-id is not the one awaited (a command that was killed after a timeout) is skipped.
+ends with its id again, so a line cut short is never run. The guest runs each command in the
+background in a session of its own (``setsid sh -c ...``) with stdout and stderr in files,
+records its pid, and queues its result when it exits; a single writer sends the queued
+results and pongs one whole reply at a time, so replies never interleave. A kill request
+marks the run killed and kills its whole process group; the command looks at that mark once
+it leads its session, so a kill that comes before the process group exists is not lost.
+
+On the host, a result whose id is not the one awaited (a command that was killed after a
+timeout) is skipped whole. A run cancelled after its request was sent asks for the kill, and
+the next call first reads that run's result to its end (bounded by ``kill_timeout``), so
+nothing of it is pending when the next request goes out.
 """
 
 from __future__ import annotations
@@ -86,37 +93,62 @@ until [ -e "$port" ]; do
     usleep 20000
 done
 
-# worker ID MAX DIR: run DIR/cmd, then send the result (or #X when larger than MAX bytes).
+# worker ID MAX DIR: run DIR/cmd, then queue its result for the writer.
+# The command leads a session (and process group) of its own, and looks at the kill flag only
+# once it does: a kill request that came before that is seen there, and one that comes after
+# finds the process group (from the K handler, or from here once the pid is recorded).
 worker() {
     id=$1 max=$2 d=$3
     cmd=$(base64 -d "$d/cmd")
     in=/dev/null
     [ -e "$d/in" ] && in=$d/in
-    setsid sh -c "$cmd" <"$in" >"$d/out" 2>"$d/err" 3>&- &
+    setsid sh -c '[ -e "$1" ] && exit 137; exec sh -c "$2"' sh "$d/kill" "$cmd" \
+        <"$in" >"$d/out" 2>"$d/err" 3>&- 4>&- &
     pid=$!
     echo "$pid" >"$d/pid"
     [ -e "$d/kill" ] && kill -KILL -- "-$pid" 2>/dev/null
     wait "$pid"
-    rc=$?
-    set -- $(stat -c %s "$d/out" "$d/err")
-    if [ $(($1 + $2)) -gt "$max" ]; then
-        printf '#X %s %s %s %s\n' "$id" "$rc" "$1" "$2" >&3
-    else
-        {
-            printf '#B %s %s %s %s\n' "$id" "$rc" "$1" "$2"
-            [ "$1" = 0 ] || base64 "$d/out"
-            printf '#M %s\n' "$id"
-            [ "$2" = 0 ] || base64 "$d/err"
-            printf '#E %s %s\n' "$id" "$rc"
-        } >&3
-    fi
-    rm -rf "$d"
+    printf 'R %s %s %s\n' "$id" "$?" "$max" >&4
+}
+
+# writer: the only one who writes to the host once started, one reply at a time, so the
+# results of commands that end close together never interleave on the channel. It takes
+# "R ID RC MAX" (a worker's command ended) and "P ID" (a ping) lines from the queue.
+writer() {
+    while read -r what id rc max; do
+        case "$what" in
+        P)
+            printf '#P %s\n' "$id"
+            ;;
+        R)
+            d=$work/$id
+            set -- $(stat -c %s "$d/out" "$d/err" 2>/dev/null) 0 0
+            if [ $(($1 + $2)) -gt "$max" ]; then
+                printf '#X %s %s %s %s\n' "$id" "$rc" "$1" "$2"
+            else
+                printf '#B %s %s %s %s\n' "$id" "$rc" "$1" "$2"
+                [ "$1" = 0 ] || base64 "$d/out"
+                printf '#M %s\n' "$id"
+                [ "$2" = 0 ] || base64 "$d/err"
+                printf '#E %s %s\n' "$id" "$rc"
+            fi
+            # Renamed first: a kill request can no longer add a file to it (see K).
+            mv "$d" "$d.sent" && rm -rf "$d.sent"
+            ;;
+        esac
+    done
 }
 
 exec 3<>"$port" || exit 1
 cd /
+# The queue: a FIFO held open for reading and writing (so it never ends), then unlinked.
+queue=$work/queue.$$
+rm -f "$queue"
+mkfifo "$queue" && exec 4<>"$queue" || exit 1
+rm -f "$queue"
 printf '#R %s\n' "$$" >&3
 set -f
+writer <&4 >&3 &
 while :; do
     line=
     if ! IFS= read -r line <&3 && [ -z "$line" ]; then
@@ -126,7 +158,7 @@ while :; do
     set -- $line
     case "$1" in
     P)
-        [ "$#" = 3 ] && [ "$2" = "$3" ] && printf '#P %s\n' "$2" >&3
+        [ "$#" = 3 ] && [ "$2" = "$3" ] && printf 'P %s\n' "$2" >&4
         ;;
     R)
         [ "$#" = 6 ] && [ "$2" = "$6" ] || continue
@@ -138,16 +170,17 @@ while :; do
             dd bs=65536 count=$(($4 + 1)) iflag=count_bytes,fullblock <&3 2>/dev/null |
                 base64 -d >"$d/in" 2>/dev/null
         fi
-        if [ "$5" = - ]; then : >"$d/cmd"; else echo "$5" >"$d/cmd"; fi
+        if [ "$5" = - ]; then true >"$d/cmd"; else echo "$5" >"$d/cmd"; fi
         worker "$2" "$3" "$d" &
         ;;
     K)
         [ "$#" = 3 ] && [ "$2" = "$3" ] || continue
         case "$2" in *[!0-9a-z-]*) continue ;; esac
-        if [ -d "$work/$2" ]; then
-            : >"$work/$2/kill"
+        # Only while the run's directory exists (until its result is sent). "true", not
+        # ":": a failed redirection of a special built-in would end this shell.
+        if true 2>/dev/null >"$work/$2/kill"; then
             pid=
-            read -r pid <"$work/$2/pid" 2>/dev/null
+            read -r pid 2>/dev/null <"$work/$2/pid"
             [ -z "$pid" ] || kill -KILL -- "-$pid" 2>/dev/null
         fi
         ;;
@@ -277,7 +310,6 @@ class _Reply:
         return data
 
 
-
 class Shell:
     """Run commands in the guest over the guest-shell channel; one command at a time.
 
@@ -286,10 +318,14 @@ class Shell:
     ``max_output`` bounds the stdout plus stderr of one command (a larger result raises
     :class:`~trio_qemu.ShellError` without being transferred). ``kill_timeout`` is how long a
     timed-out command's kill may take to be confirmed before the shell gives up waiting (the
-    next command then skips the late result). ``on_eof``, if given, is awaited when the
-    channel reaches end of file or breaks, before the error is raised: an owning machine can
-    wait there briefly for QEMU's exit and :meth:`close` the shell with its own error
-    (``MachineExited``), which is then raised instead of a bare :class:`~trio_qemu.ShellError`.
+    next command then skips the late result); after a call cancelled once its command was
+    sent, the next call reads that command's result first, and the shell becomes unusable if
+    the guest does not start sending it (or stalls in it) for ``kill_timeout``. ``on_eof``,
+    if given, is awaited when the channel reaches end of file or breaks, before the error is
+    raised: an owning machine can wait there briefly for QEMU's exit and :meth:`close` the
+    shell with its own error (``MachineExited``), which is then raised instead of a bare
+    :class:`~trio_qemu.ShellError`. The first end of file makes the shell unusable: later
+    calls fail at once.
 
     Memory is bounded by about ``2 * max_output`` (base64 text and decoded bytes of one
     result) plus 64 KiB per partial line.
@@ -323,6 +359,11 @@ class Shell:
         self._broken: str | None = None
         #: the result being received, kept across the wait for a killed command's result
         self._receiving: _Reply | None = None
+        #: a run cancelled once its request was sent (its kill asked for): its result is
+        #: still to come, and is read to its end before anything else is sent
+        self._cancelled: bytes | None = None
+        #: whether the guest has begun sending that result (its ``#B`` came)
+        self._cancelled_started = False
         #: set once a ping has been answered (:meth:`wait_ready`)
         self.ready = False
 
@@ -363,6 +404,7 @@ class Shell:
         with self._operation():
             with trio.move_on_after(timeout) as scope:
                 async with self._lock:
+                    await self._skip_cancelled_result()
                     await self._ping_until_answered(scope.deadline)
             if scope.cancelled_caught:
                 raise ShellTimeout(
@@ -385,7 +427,8 @@ class Shell:
         concurrent calls wait their turn. The command runs in ``/`` in a session of its own;
         background processes it starts may outlive it.
 
-        ``timeout`` bounds the whole call, including waiting for earlier commands. When it
+        ``timeout`` bounds the whole call, including waiting for earlier commands (and for
+        the rest of the result of a command whose call was cancelled). When it
         expires the command's process group is killed (waiting up to ``kill_timeout`` for
         the guest to confirm) and :class:`~trio_qemu.ShellTimeout` is raised with whatever
         output came back; the shell stays usable. With ``check=True`` a non-zero status
@@ -407,29 +450,48 @@ class Shell:
                     command=command,
                 )
             try:
+                with trio.CancelScope(deadline=wait_scope.deadline) as skip_scope:
+                    await self._skip_cancelled_result()
+                if skip_scope.cancelled_caught:
+                    raise ShellTimeout(
+                        f"{self.name}: {command!r} did not start within {timeout} s: the "
+                        "result of an earlier, cancelled command was still arriving",
+                        command=command,
+                    )
                 rid = self._new_id()
                 request = b"\nR %s %d %d %s %s\n" % (
                     rid, self.max_output, len(stdin_b64), encoded, rid,
                 )  # fmt: skip
                 if stdin_b64:
                     request += stdin_b64 + b"\n"
-                sent = False
+                sent = killed = False
                 try:
                     with trio.CancelScope(deadline=wait_scope.deadline) as scope:
                         await self._send(request, scope.deadline)
                         sent = True
                         reply = await self._await_reply(rid, command)
+                    if scope.cancelled_caught:
+                        if not sent:
+                            raise ShellTimeout(
+                                f"{self.name}: sending {command!r} took longer than {timeout} s",
+                                command=command,
+                            )
+                        await self._send(
+                            b"\nK %s %s\n" % (rid, rid), trio.current_time() + self.kill_timeout
+                        )
+                        killed = True
+                        raise await self._kill_after_timeout(rid, command, timeout)
                 except trio.Cancelled:
                     if sent:
-                        await self._send_kill_quietly(rid)
-                    raise
-                if scope.cancelled_caught:
-                    if not sent:
-                        raise ShellTimeout(
-                            f"{self.name}: sending {command!r} took longer than {timeout} s",
-                            command=command,
+                        # Its result comes all the same: the next call reads it first.
+                        self._cancelled = rid
+                        self._cancelled_started = (
+                            self._receiving is not None and self._receiving.rid == rid
                         )
-                    raise await self._kill_after_timeout(rid, command, timeout)
+                        self._receiving = None
+                        if not killed:
+                            await self._send_kill_quietly(rid)
+                    raise
             finally:
                 self._lock.release()
         if check:
@@ -460,12 +522,48 @@ class Shell:
             raise ShellError(f"{self.name}: the shell channel is unusable: {self._broken}")
 
     async def _next_line(self) -> bytes:
-        """The next line from the guest; at end of file, the owner's error if it has one."""
+        """The next line from the guest; at end of file, the owner's error if it has one.
+
+        The first end of file marks the shell unusable, so later calls fail at once. Every
+        reader notes here when the result of a cancelled run (:attr:`_cancelled`) ends."""
         try:
-            return await self._lines.next()
-        except _ChannelEnded:
+            line = await self._lines.next()
+        except _ChannelEnded as exc:
+            if self._broken is None:
+                self._broken = str(exc)
             await self._channel_ended()
             raise
+        if self._cancelled is not None and line[:1] == b"#":
+            fields = line.split(b" ", 2)
+            if len(fields) > 1 and fields[1] == self._cancelled:
+                if fields[0] in (b"#E", b"#X"):
+                    self._cancelled = None
+                elif fields[0] == b"#B":
+                    self._cancelled_started = True
+        return line
+
+    async def _skip_cancelled_result(self) -> None:
+        """Read and drop the result of a run cancelled after its request was sent, up to
+        its end, so that nothing of it is left to mix with what is sent next.
+
+        Its kill was asked for, so the guest should start sending it at once: waiting for
+        that is bounded by ``kill_timeout``, and so is each line once it comes (a large
+        result takes a while). The shell is unusable if the guest misses either bound."""
+        if self._cancelled is None:
+            return
+        rid = self._cancelled
+        deadline = trio.current_time() + self.kill_timeout
+        while self._cancelled is not None:
+            with trio.CancelScope(deadline=deadline) as scope:
+                await self._next_line()
+            if scope.cancelled_caught:
+                self._broken = (
+                    f"the guest did not send the result of cancelled command {rid!r} within "
+                    f"kill_timeout={self.kill_timeout} s"
+                )
+                raise ShellError(f"{self.name}: {self._broken}")
+            if self._cancelled_started:
+                deadline = trio.current_time() + self.kill_timeout
 
     async def _channel_ended(self) -> None:
         """Let the owner react to the channel's end; raise its close error if it gave one."""
@@ -508,10 +606,9 @@ class Shell:
                 log.debug("%s: kill of %r not sent: %r", self.name, rid, exc)
 
     async def _kill_after_timeout(self, rid: bytes, command: str, timeout: float) -> ShellTimeout:
-        """Kill command ``rid``, wait up to ``kill_timeout`` for its last result, and return
-        the ShellTimeout to raise (with the output the guest sent back)."""
+        """Wait up to ``kill_timeout`` for the result of command ``rid``, whose kill was just
+        sent, and return the ShellTimeout to raise (with the output the guest sent back)."""
         message = f"{self.name}: {command!r} did not finish within {timeout} s; it was killed"
-        await self._send(b"\nK %s %s\n" % (rid, rid), trio.current_time() + self.kill_timeout)
         with trio.move_on_after(self.kill_timeout):
             try:
                 reply = await self._await_reply(rid, command)
@@ -559,8 +656,7 @@ class Shell:
             fields = line[1:].split(b" ")
             verb, lid = fields[0], fields[1] if len(fields) > 1 else b""
             if verb == b"B":
-                reply = self._receiving = None
-                if lid != rid:
+                if lid != rid:  # a late result of another run: its lines are not taken
                     log.debug("%s: skipping a stale result for %r", self.name, lid)
                     continue
                 rc, out_len, err_len = _ints(fields[2:5], line)
