@@ -570,7 +570,7 @@ class Machine:
         return self._exit_error or self._internal_error
 
     # -- stopping ------------------------------------------------------------------------
-    async def shutdown(self, *, hard: bool = False, timeout: float | None = None) -> None:
+    async def shutdown(self, hard: bool = False, timeout: float | None = None) -> None:
         """Stop QEMU and clean up; idempotent.
 
         Graceful: ``quit`` over QMP (SIGTERM without QMP), then up to ``timeout`` s
