@@ -41,7 +41,7 @@ from ._errors import (
     copy_error,
 )
 from ._events import EventHub, QMPEvent, Subscription, only_cancelled
-from ._transport import Address, Listener, connect
+from ._transport import Address, Listener, connect, read_fd
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "QMPClient", "open_qmp"]
 
@@ -74,26 +74,10 @@ class _LineReader:
         self.yield_first = False
 
     async def _receive(self) -> bytes | bytearray:
-        fd = self._fd
-        if fd is None:
+        if self._fd is None:
             return await self._stream.receive_some(65536)
-        if self.yield_first:
-            self.yield_first = False
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            yielded = True
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            yielded = False
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-                yielded = True
-                continue
-            if not yielded:  # every receive is a checkpoint, even when data was waiting
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+        yield_first, self.yield_first = self.yield_first, False
+        return await read_fd(self._fd, yield_first=yield_first)
 
     async def next_line(self) -> bytes | None:
         """The next message without its newline, or ``None`` at a clean EOF."""

@@ -71,7 +71,7 @@ from ._errors import (
     copy_error,
 )
 from ._machine import Machine, open_machine
-from ._transport import socketpair_stream
+from ._transport import read_fd, socketpair_stream
 
 __all__ = [
     "CHARDEV_ID",
@@ -695,28 +695,9 @@ class QtestMachine:
             self._fail(error)
 
     async def _receive(self) -> bytes:
-        """One read from the socket: a non-blocking read first, else wait until readable.
-
-        Right after waking a caller it yields first, so that caller can send its next
-        request before we poll again (a round trip is mostly such wake-ups).
-        """
-        if self._yield_first:
-            self._yield_first = False
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            yielded = True
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            yielded = False
-        while True:
-            try:
-                data = os.read(self._fd, 1 << 16)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
-                yielded = True
-                continue
-            if not yielded:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+        """One read from the socket; right after waking a caller, let it run first."""
+        yield_first, self._yield_first = self._yield_first, False
+        return await read_fd(self._fd, yield_first=yield_first)
 
     def _dispatch(self, raw: bytes) -> None:
         try:
