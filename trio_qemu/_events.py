@@ -16,15 +16,17 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 import trio
 
 from ._errors import EventsDropped, QMPConnectionClosed, QMPTimeout, copy_error
 
-__all__ = ["EventHub", "QMPEvent", "Subscription", "event_match"]
+__all__ = ["BoundedStream", "EventHub", "QMPEvent", "Subscription", "event_match"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("trio_qemu.events")
 
@@ -65,82 +67,77 @@ def only_cancelled(exc: BaseException) -> bool:
 
 
 
-class Subscription:
-    """A stream of the events that match some names and a sub-dict, in arrival order.
+class BoundedStream(Generic[T]):
+    """A subscriber's bounded stream: the publisher never blocks, overflow is counted.
 
-    Use it as a (sync or async) context manager; leaving it unsubscribes. ``receive()``
-    returns the next event; it raises :class:`~trio_qemu.EventsDropped` once after the buffer
-    overflowed, the hub's error after the connection failed, and ``trio.EndOfChannel`` after a
-    clean end. Async iteration ends at the clean end.
+    :meth:`_deliver` (the publisher's side) drops an item when the buffer is full and counts
+    it in :attr:`dropped`; the next ``receive()`` raises :class:`~trio_qemu.EventsDropped`
+    once, then the stream goes on. When the source ends, ``raise_end()`` (the owner's error,
+    if any) is called, else ``trio.EndOfChannel`` is raised and async iteration stops. Use it
+    as a (sync or async) context manager; leaving it unsubscribes (removes it from
+    ``registry``) and discards what is buffered.
     """
 
     def __init__(
-        self,
-        hub: EventHub,
-        names: frozenset[str] | None,
-        match: Mapping[str, object] | None,
-        buffer: int,
+        self, buffer: int, *, registry: set[Any], raise_end: Callable[[], None]
     ) -> None:
-        if buffer < 1:
-            raise ValueError("a subscription's buffer must hold at least one event")
-        self._hub = hub
-        self.names = names
-        self.match = match
-        self._send, self._receive = trio.open_memory_channel[QMPEvent](buffer)
-        #: events dropped for this subscriber since it was created
+        if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer < 1:
+            raise ValueError(f"a subscription's buffer must hold at least one item, not {buffer!r}")
+        self._registry = registry
+        self._raise_end = raise_end
+        self._send, self._receive = trio.open_memory_channel[T](buffer)
+        #: items dropped for this subscriber because its buffer was full
         self.dropped = 0
         self._unreported = 0
 
-    def _offer(self, event: QMPEvent) -> bool:
-        """Deliver ``event`` if it matches; never blocks. Returns whether it matched."""
-        if self.names is not None and event.get("event") not in self.names:
-            return False
-        if self.match is not None and not event_match(event, self.match):
-            return False
+    def _deliver(self, item: T) -> None:
         try:
-            self._send.send_nowait(event)
+            self._send.send_nowait(item)
         except trio.WouldBlock:
             self.dropped += 1
             self._unreported += 1
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        return True
-
-    async def receive(self) -> QMPEvent:
-        """The next matching event (see the class docstring for what it raises)."""
-        self._raise_if_dropped()
-        try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            self._hub._raise_error()
-            raise
-
-    def receive_nowait(self) -> QMPEvent:
-        """The next event if one is buffered, else raise ``trio.WouldBlock``."""
-        self._raise_if_dropped()
-        try:
-            return self._receive.receive_nowait()
-        except trio.EndOfChannel:
-            self._hub._raise_error()
-            raise
 
     def _raise_if_dropped(self) -> None:
         if self._unreported:
             count, self._unreported = self._unreported, 0
             raise EventsDropped(count)
 
+    async def _next(self) -> T:
+        self._raise_if_dropped()
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            self._raise_end()
+            raise
+
+    async def receive(self) -> T:
+        """The next item, waiting without limit (see the class docstring for what it raises)."""
+        return await self._next()
+
+    def receive_nowait(self) -> T:
+        """The next buffered item, else raise ``trio.WouldBlock``."""
+        self._raise_if_dropped()
+        try:
+            return self._receive.receive_nowait()
+        except trio.EndOfChannel:
+            self._raise_end()
+            raise
+
     def close(self) -> None:
-        """Unsubscribe; buffered events are discarded."""
-        self._hub._subscriptions.discard(self)
+        """Unsubscribe; buffered items are discarded."""
+        self._registry.discard(self)
         self._send.close()
         self._receive.close()
 
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> QMPEvent:
+    async def __anext__(self) -> T:
+        """The next item, waiting without limit (bound the loop with a cancel scope)."""
         try:
-            return await self.receive()
+            return await self._next()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
@@ -159,6 +156,36 @@ class Subscription:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class Subscription(BoundedStream[QMPEvent]):
+    """A stream of the events that match some names and a sub-dict, in arrival order.
+
+    Use it as a (sync or async) context manager; leaving it unsubscribes. ``receive()``
+    returns the next event; it raises :class:`~trio_qemu.EventsDropped` once after the buffer
+    overflowed, the hub's error after the connection failed, and ``trio.EndOfChannel`` after a
+    clean end. Async iteration ends at the clean end.
+    """
+
+    def __init__(
+        self,
+        hub: EventHub,
+        names: frozenset[str] | None,
+        match: Mapping[str, object] | None,
+        buffer: int,
+    ) -> None:
+        super().__init__(buffer, registry=hub._subscriptions, raise_end=hub._raise_error)
+        self.names = names
+        self.match = match
+
+    def _offer(self, event: QMPEvent) -> bool:
+        """Deliver ``event`` if it matches; never blocks. Returns whether it matched."""
+        if self.names is not None and event.get("event") not in self.names:
+            return False
+        if self.match is not None and not event_match(event, self.match):
+            return False
+        self._deliver(event)
+        return True
 
 
 class _Waiter:

@@ -55,21 +55,20 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, Literal, NoReturn, Self
+from typing import Any, Final, Literal, NoReturn
 
 import trio
 from qemu.qmp import ExecuteError
 
 from ._config import MachineConfig
 from ._errors import (
-    EventsDropped,
     QtestError,
     QtestInvalidRequest,
     QtestProtocolError,
     QtestTimeout,
     copy_error,
 )
+from ._events import BoundedStream
 from ._machine import Machine, open_machine
 from ._transport import read_fd, socketpair_stream
 
@@ -311,7 +310,7 @@ class IrqEvent:
     """True for ``raise``, False for ``lower``."""
 
 
-class IrqSubscription:
+class IrqSubscription(BoundedStream[IrqEvent]):
     """A bounded stream of :class:`IrqEvent` in arrival order, from :meth:`QtestMachine.irq_events`.
 
     Use it as a (sync or async) context manager; leaving it unsubscribes. A full buffer never
@@ -322,80 +321,20 @@ class IrqSubscription:
     """
 
     def __init__(self, owner: QtestMachine, buffer: int) -> None:
-        if not isinstance(buffer, int) or buffer < 1:
-            raise ValueError(f"an IRQ subscription's buffer must be >= 1, not {buffer!r}")
+        super().__init__(
+            buffer, registry=owner._irq_subscriptions, raise_end=owner._raise_unless_orderly
+        )
         self._owner = owner
-        self._send, self._receive = trio.open_memory_channel[IrqEvent](buffer)
-        #: events dropped for this subscriber because its buffer was full
-        self.dropped = 0
-        self._unreported = 0
 
     def _offer(self, event: IrqEvent) -> None:
-        try:
-            self._send.send_nowait(event)
-        except trio.WouldBlock:
-            self.dropped += 1
-            self._unreported += 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    def _raise_if_dropped(self) -> None:
-        if self._unreported:
-            count, self._unreported = self._unreported, 0
-            raise EventsDropped(count)
+        self._deliver(event)
 
     async def receive(self, *, timeout: float | None = 60.0) -> IrqEvent:
         """The next IRQ event. Raises :class:`~trio_qemu.QtestTimeout` when none comes within
         ``timeout`` s (None: wait without limit), and see the class docstring."""
-        self._raise_if_dropped()
         with trio.move_on_after(math.inf if timeout is None else timeout):
-            try:
-                return await self._receive.receive()
-            except trio.EndOfChannel:
-                self._owner._raise_unless_orderly()
-                raise
+            return await self._next()
         raise QtestTimeout(f"{self._owner.name}: no IRQ event within {timeout} s")
-
-    def receive_nowait(self) -> IrqEvent:
-        """The next buffered IRQ event, else raise ``trio.WouldBlock``."""
-        self._raise_if_dropped()
-        try:
-            return self._receive.receive_nowait()
-        except trio.EndOfChannel:
-            self._owner._raise_unless_orderly()
-            raise
-
-    def close(self) -> None:
-        """Unsubscribe; buffered events are discarded."""
-        self._owner._irq_subscriptions.discard(self)
-        self._send.close()
-        self._receive.close()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> IrqEvent:
-        """The next event, waiting without limit (bound the loop with a cancel scope)."""
-        try:
-            return await self.receive(timeout=None)
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 # -- the machine --------------------------------------------------------------------------
