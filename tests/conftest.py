@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import trio
 
-from trio_qemu._events import only_cancelled
 from trio_qemu._transport import socketpair_stream
+from trio_qemu._util import only_cancelled
 
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
 

@@ -16,15 +16,15 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import trio
 
-from ._errors import EventsDropped, QMPConnectionClosed, QMPTimeout, copy_error
+from ._errors import QMPConnectionClosed, QMPTimeout, copy_error
+from ._util import BoundedStream
 
-__all__ = ["BoundedStream", "EventHub", "QMPEvent", "Subscription", "event_match"]
+__all__ = ["EventHub", "QMPEvent", "Subscription", "event_match"]
 
 T = TypeVar("T")
 
@@ -55,107 +55,6 @@ def event_match(event: object, match: object = None) -> bool:
             return False
         return all(key in event and event_match(event[key], value) for key, value in match.items())
     return bool(event == match)
-
-
-def only_cancelled(exc: BaseException) -> bool:
-    """Whether ``exc`` is a ``trio.Cancelled`` or a group holding nothing else."""
-    if isinstance(exc, trio.Cancelled):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(trio.Cancelled)[1] is None
-    return False
-
-
-
-class BoundedStream(Generic[T]):
-    """A subscriber's bounded stream: the publisher never blocks, overflow is counted.
-
-    :meth:`_deliver` (the publisher's side) drops an item when the buffer is full and counts
-    it in :attr:`dropped`; the next ``receive()`` raises :class:`~trio_qemu.EventsDropped`
-    once, then the stream goes on. When the source ends, ``raise_end()`` (the owner's error,
-    if any) is called, else ``trio.EndOfChannel`` is raised and async iteration stops. Use it
-    as a (sync or async) context manager; leaving it unsubscribes (removes it from
-    ``registry``) and discards what is buffered.
-    """
-
-    def __init__(
-        self, buffer: int, *, registry: set[Any], raise_end: Callable[[], None]
-    ) -> None:
-        if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer < 1:
-            raise ValueError(f"a subscription's buffer must hold at least one item, not {buffer!r}")
-        self._registry = registry
-        self._raise_end = raise_end
-        self._send, self._receive = trio.open_memory_channel[T](buffer)
-        #: items dropped for this subscriber because its buffer was full
-        self.dropped = 0
-        self._unreported = 0
-
-    def _deliver(self, item: T) -> None:
-        try:
-            self._send.send_nowait(item)
-        except trio.WouldBlock:
-            self.dropped += 1
-            self._unreported += 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    def _raise_if_dropped(self) -> None:
-        if self._unreported:
-            count, self._unreported = self._unreported, 0
-            raise EventsDropped(count)
-
-    async def _next(self) -> T:
-        self._raise_if_dropped()
-        try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            self._raise_end()
-            raise
-
-    async def receive(self) -> T:
-        """The next item, waiting without limit (see the class docstring for what it raises)."""
-        return await self._next()
-
-    def receive_nowait(self) -> T:
-        """The next buffered item, else raise ``trio.WouldBlock``."""
-        self._raise_if_dropped()
-        try:
-            return self._receive.receive_nowait()
-        except trio.EndOfChannel:
-            self._raise_end()
-            raise
-
-    def close(self) -> None:
-        """Unsubscribe; buffered items are discarded."""
-        self._registry.discard(self)
-        self._send.close()
-        self._receive.close()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> T:
-        """The next item, waiting without limit (bound the loop with a cancel scope)."""
-        try:
-            return await self._next()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class Subscription(BoundedStream[QMPEvent]):

@@ -48,11 +48,12 @@ from ._errors import (
     QMPProtocolError,
     QMPTimeout,
 )
-from ._events import QMPEvent, Subscription, only_cancelled
+from ._events import QMPEvent, Subscription
 from ._process import QemuProcess
 from ._qmp import QMPClient
 from ._shell import Shell
 from ._transport import Listener, socketpair_stream
+from ._util import only_cancelled
 from .agent import GuestAgent
 
 __all__ = ["Machine", "open_machine", "open_machines", "start_machine"]

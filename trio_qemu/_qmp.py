@@ -40,8 +40,9 @@ from ._errors import (
     QMPUnexpectedReply,
     copy_error,
 )
-from ._events import EventHub, QMPEvent, Subscription, only_cancelled
+from ._events import EventHub, QMPEvent, Subscription
 from ._transport import Address, Listener, connect, read_fd
+from ._util import only_cancelled
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "QMPClient", "open_qmp"]
 

@@ -68,9 +68,9 @@ from ._errors import (
     QtestTimeout,
     copy_error,
 )
-from ._events import BoundedStream
 from ._machine import Machine, open_machine
 from ._transport import read_fd, socketpair_stream
+from ._util import BoundedStream
 
 __all__ = [
     "CHARDEV_ID",
