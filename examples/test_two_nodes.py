@@ -4,11 +4,12 @@ Run it explicitly (it lives outside the project's ``testpaths``, so the test sui
 collect it):
 
     .venv/bin/pytest examples/test_two_nodes.py
+    .venv/bin/pytest -n 2 examples/test_two_nodes.py     # one test per process (pytest-xdist)
 
-The plugin (registered when trio_qemu is installed; pytest-trio runs the async test) gives
-``tiny_guest``, the cached guest image, and ``machine``, an async factory whose VMs are shut
-down when the test ends, passed or failed. A failing test's report shows each VM's command
-line, console tail and QEMU output.
+The plugin (registered when trio_qemu is installed; pytest-trio runs the async tests that use
+``machine``, with or without ``trio_mode``) gives ``tiny_guest``, the cached guest image, and
+``machine``, an async factory whose VMs are shut down when the test ends, passed or failed.
+A failing test's report shows each VM's command line, console tail and QEMU output.
 """
 
 from __future__ import annotations

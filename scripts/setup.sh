@@ -27,7 +27,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import trio_qemu, pytest_trio, hypothesis, mypy, ruff' 2>/dev/null; then
+if ! .venv/bin/python -c 'import trio_qemu, pytest_trio, hypothesis, mypy, ruff, xdist, sphinx, sphinxcontrib_trio' 2>/dev/null; then
   echo "setup: installing trio_qemu (editable) with its dev extra"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), then run the linters, the type checker and the whole test suite.
+# Set up (scripts/setup.sh), then run the linters, the type checker and the whole test suite,
+# then the pytest plugin's example spread over two processes with pytest-xdist.
 # Exits non-zero on any failure, including pytest finding no tests (exit 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +11,7 @@ echo "== pytest"
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
 if [ "$status" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi
+# The README's pytest-xdist recipe, on the pytest plugin's example (outside testpaths).
+echo "== pytest -n 2 examples/test_two_nodes.py (pytest-xdist)"
+.venv/bin/python -m pytest -n 2 -p no:cacheprovider examples/test_two_nodes.py || status=$?
 exit "$status"

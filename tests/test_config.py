@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 
-from trio_qemu import _config
+from trio_qemu import LaunchError, _config
 from trio_qemu._config import (
     PLACEHOLDER_FDS,
     ChannelFds,
     FdSpec,
     MachineConfig,
+    check_paths,
     kvm_usable,
     resolve_accel,
 )
@@ -418,11 +419,96 @@ def test_resolve_accel_auto_on_this_machine() -> None:
         ({"monitor_address": ""}, "monitor_address"),
         ({"monitor_address": 4444}, "monitor_address"),
         ({"monitor_address": "/tmp/q.sock", "qmp": False}, "needs qmp=True"),
+        ({"binary": ""}, r"MachineConfig\.binary must name a QEMU executable, not ''"),
+        ({"binary": "  "}, "MachineConfig.binary"),
+        ({"args": ["-nodefaults", "-daemonize"]}, "must not contain '-daemonize'.*detach"),
+        ({"args": ["--daemonize"]}, "must not contain '--daemonize'"),
+        ({"log_dir": ""}, "MachineConfig.log_dir"),
+        ({"console": True, "console_log": ""}, "MachineConfig.console_log"),
+        ({"base_temp_dir": ""}, "MachineConfig.base_temp_dir"),
+        ({"log_dir": 5}, "MachineConfig.log_dir"),
     ],
 )
 def test_validation_errors(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MachineConfig(**fields)
+
+
+def test_binary_type_error() -> None:
+    with pytest.raises(TypeError, match=r"MachineConfig\.binary must be a str"):
+        MachineConfig(binary=Path("/usr/bin/qemu-system-x86_64"))  # type: ignore[arg-type]
+
+
+def test_daemonize_refused_by_replace_too() -> None:
+    config = MachineConfig(args=["-nodefaults"])
+    with pytest.raises(ValueError, match="-daemonize"):
+        config.replace(args=[*config.args, "-daemonize"])
+    # Only the option itself: a value that merely contains the word is fine.
+    assert MachineConfig(args=["-name", "no-daemonize"]).args == ("-name", "no-daemonize")
+
+
+# --- check_paths: what a launch checks on the file system before QEMU starts -------------
+
+
+def test_check_paths_accepts_good_paths(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    check_paths(MachineConfig(log_dir=tmp_path, console=True, console_log=log))
+    assert log.exists()  # created, as the console would a moment later
+    check_paths(MachineConfig())  # nothing to check
+
+
+def test_check_paths_missing_log_dir(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(LaunchError) as info:
+        check_paths(MachineConfig(log_dir=missing), name="vm1")
+    text = str(info.value)
+    assert text.startswith(f"vm1: log_dir {str(missing)!r} does not exist")
+    assert "No such file or directory" in text
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+def test_check_paths_log_dir_is_a_file(tmp_path: Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(LaunchError, match=r"log_dir .* is not a directory"):
+        check_paths(MachineConfig(log_dir=a_file))
+
+
+def test_check_paths_log_dir_not_writable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root may write anywhere, so ask os.access what it would say to anyone else.
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "access", lambda path, mode: False)
+        with pytest.raises(LaunchError, match=r"log_dir .* is not writable"):
+            check_paths(MachineConfig(log_dir=tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("where", "cause"),
+    [("missing-dir/console.log", "No such file or directory"), ("", "Is a directory")],
+)
+def test_check_paths_unopenable_console_log(tmp_path: Path, where: str, cause: str) -> None:
+    path = tmp_path / where
+    with pytest.raises(LaunchError) as info:
+        check_paths(MachineConfig(console=True, console_log=path), name="vm2")
+    text = str(info.value)
+    assert text.startswith(f"vm2: cannot open console_log {str(path)!r}: ")
+    assert cause in text
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_check_paths_leaves_a_fifo_console_log_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Opening (and closing) a FIFO would block, or give its reader an end of file.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    check_paths(MachineConfig(console=True, console_log=fifo))  # returns at once
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "access", lambda path, mode: False)
+        with pytest.raises(LaunchError, match=r"cannot open console_log .*: not writable"):
+            check_paths(MachineConfig(console=True, console_log=fifo))
 
 
 def test_type_errors() -> None:

@@ -21,9 +21,8 @@ import pytest
 import trio
 
 from trio_qemu import ConsoleFailure, MachineConfig, MachineError, open_machine
-from trio_qemu._cpio import CpioWriter
 from trio_qemu._errors import GuestBuildError
-from trio_qemu._shell import GUEST_AGENT_PATH, GUEST_AGENT_SCRIPT, Shell
+from trio_qemu._shell import SHELL_AGENT_PATH, SHELL_AGENT_SCRIPT, Shell
 from trio_qemu.guest import (
     GUEST_ARGS,
     READY_MARKER,
@@ -33,6 +32,7 @@ from trio_qemu.guest import (
     ensure_guest,
     render_init,
 )
+from trio_qemu.guest.cpio import CpioWriter
 
 BOOT_TIMEOUT = 60.0
 PROMPT = b"trio-guest:/# "
@@ -169,7 +169,7 @@ def test_guest_scripts_parse() -> None:
     init = render_init()
     assert "@" not in re.sub(r"\$@|\"\$@\"", "", init)
     assert READY_MARKER in init and init.rstrip().endswith("exec /bin/busybox init")
-    for script in (init, GUEST_AGENT_SCRIPT):
+    for script in (init, SHELL_AGENT_SCRIPT):
         subprocess.run(["busybox", "sh", "-n"], input=script.encode(), check=True)
 
 
@@ -214,12 +214,12 @@ def test_initramfs_contents(fresh_build: FreshBuild) -> None:
     entries = {e.name: e for e in read_cpio(fresh_build.image.initrd.read_bytes())}
     release = fresh_build.image.kernel_release
     assert entries["init"].mode & 0o111 and entries["init"].data.decode() == render_init()
-    assert entries[GUEST_AGENT_PATH.lstrip("/")].data.decode() == GUEST_AGENT_SCRIPT
+    assert entries[SHELL_AGENT_PATH.lstrip("/")].data.decode() == SHELL_AGENT_SCRIPT
     assert entries["bin/busybox"].data[:4] == b"\x7fELF"
     assert entries["bin/sh"].data == b"/bin/busybox"
     assert entries["dev/console"].rdev == (5, 1)
     inittab = entries["etc/inittab"].data.decode()
-    assert f"::once:{GUEST_AGENT_PATH} /dev/virtio-ports/org.trio-qemu.shell\n" in inittab
+    assert f"::once:{SHELL_AGENT_PATH} /dev/virtio-ports/org.trio-qemu.shell\n" in inittab
     assert "::respawn:/bin/cttyhack /bin/sh -l\n" in inittab
     depmod = entries[f"lib/modules/{release}/modules.dep"].data.decode()
     for module in ("virtio_console", "virtio_pci", "virtio_net", "e1000", "9pnet_virtio"):

@@ -123,3 +123,77 @@ async def test_monitor_address_in_use_is_a_launch_error(tmp_path: Path) -> None:
     with pytest.raises(trio_qemu.LaunchError, match="cannot listen at monitor_address"):
         async with trio_qemu.open_machine(machine="none", monitor_address=str(path)):
             pass  # pragma: no cover
+
+
+# --- bad input refused before QEMU starts -----------------------------------------------
+
+
+def _spy_wrapper(marker: Path) -> list[str]:
+    """A wrapper that leaves ``marker`` behind if QEMU was ever started, then runs it."""
+    return ["sh", "-c", 'touch "$0"; exec "$@"', str(marker)]
+
+
+def _qemu_with(text: str) -> list[int]:
+    """Pids of any process (ours or not) whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(int(entry))
+    return found
+
+
+async def test_empty_binary_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"MachineConfig\.binary must name a QEMU executable"):
+        async with trio_qemu.open_machine(binary="", machine="none"):
+            pytest.fail("an empty binary must not run the default QEMU")
+    assert qemu_children() == set()
+
+
+async def test_daemonize_is_refused_before_launch(tmp_path: Path) -> None:
+    marker = f"trio-qemu-daemonize-probe-{os.getpid()}"
+    spy = tmp_path / "started"
+    with pytest.raises(ValueError, match=r"'-daemonize'.*detach"):
+        async with trio_qemu.open_machine(
+            machine="none",
+            wrapper=_spy_wrapper(spy),
+            args=["-nodefaults", "-name", marker, "-daemonize"],
+        ):
+            pytest.fail("-daemonize must be refused")
+    assert not spy.exists(), "QEMU was started"
+    assert _qemu_with(marker) == [], "a daemonised QEMU is running"
+
+
+async def test_missing_log_dir_is_named_before_launch(base: Path, tmp_path: Path) -> None:
+    spy = tmp_path / "started"
+    missing = tmp_path / "no-such-dir"
+    err = await _launch_error(
+        name="logvm", machine="none", log_dir=missing, wrapper=_spy_wrapper(spy),
+        base_temp_dir=base,
+    )
+    text = str(err)
+    assert text.startswith(f"logvm: log_dir {str(missing)!r} does not exist")
+    assert "cannot start QEMU" not in text
+    assert isinstance(err.__cause__, FileNotFoundError)
+    assert not spy.exists(), "QEMU was started"
+    assert os.listdir(base) == []
+
+
+async def test_unopenable_console_log_is_a_launch_error(base: Path, tmp_path: Path) -> None:
+    spy = tmp_path / "started"
+    path = tmp_path / "missing-dir" / "console.log"
+    err = await _launch_error(
+        name="convm", machine="none", console=True, console_log=path,
+        wrapper=_spy_wrapper(spy), base_temp_dir=base,
+    )
+    text = str(err)
+    assert text.startswith(f"convm: cannot open console_log {str(path)!r}: ")
+    assert "No such file or directory" in text
+    assert isinstance(err.__cause__, FileNotFoundError)
+    assert not spy.exists(), "QEMU was started"
+    assert qemu_children() == set()
+    assert os.listdir(base) == []

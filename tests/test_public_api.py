@@ -34,7 +34,7 @@ def test_every_reexport_is_explicit_and_listed() -> None:
 
 
 def test_design_api_names_are_public() -> None:
-    # The names users and scenarios write against (design.md, section 3).
+    # The names users and scenarios write against (README, "A tour").
     for name in (
         "open_machine", "start_machine", "open_machines", "MachineConfig", "Machine",
         "MachineError", "LaunchError", "MachineExited", "AbnormalShutdown",

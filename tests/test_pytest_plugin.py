@@ -1,15 +1,22 @@
-"""The pytest plugin, exercised through pytester in a subprocess (a real pytest run)."""
+"""The pytest plugin, exercised through pytester in a subprocess (a real pytest run, in a
+project of its own under the temporary directory, outside this repository)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
+from trio_qemu.pytest_plugin import _strip_escapes
+
 INI = "[pytest]\ntrio_mode = true\n"
+#: A user's project that says nothing about Trio: the plugin must work there as it is.
+PLAIN_INI = "[pytest]\n"
+NO_CACHE = ("-p", "no:cacheprovider")
 
 
 def _gone(pid: int) -> bool:
@@ -55,7 +62,7 @@ def test_passing_and_failing_tests_with_reports(pytester: pytest.Pytester) -> No
 
 
 def test_timed_out_test_leaks_nothing(pytester: pytest.Pytester) -> None:
-    pytester.makeini(INI)
+    pytester.makeini(PLAIN_INI)
     pytester.makepyfile(
         test_timeout="""
         import trio
@@ -76,7 +83,7 @@ def test_timed_out_test_leaks_nothing(pytester: pytest.Pytester) -> None:
 
 
 def test_guest_fixture_runs_commands(pytester: pytest.Pytester) -> None:
-    pytester.makeini(INI)
+    pytester.makeini(PLAIN_INI)
     pytester.makepyfile(
         test_guest="""
         async def test_uname(machine, tiny_guest):
@@ -105,6 +112,129 @@ def test_machine_dying_fails_the_test(pytester: pytest.Pytester) -> None:
     start = time.monotonic()
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
-    assert "MachineExited" in result.stdout.str()
-    assert f"killed by signal {int(signal.SIGKILL)}" in result.stdout.str()
+    out = result.stdout.str()
+    assert "MachineExited" in out
+    assert f"killed by signal {int(signal.SIGKILL)}" in out
+    assert "ExceptionGroup" not in out  # the fixture's nursery does not wrap it
+    assert re.search(r"^FAILED test_dies.py::test_dies - \S*MachineExited: ", out, re.MULTILINE)
     assert time.monotonic() - start < 20
+
+
+def test_without_trio_mode(pytester: pytest.Pytester) -> None:
+    pytester.makeini(PLAIN_INI)
+    pytester.makepyfile(
+        test_plain="""
+        import pytest
+
+        @pytest.fixture
+        async def booted(machine):          # a user's async fixture on top of ours
+            return await machine(machine="none", args=["-nodefaults"])
+
+        async def test_first(machine):
+            vm = await machine(machine="none", args=["-nodefaults"])
+            assert (await vm.cmd("query-status"))["running"]
+
+        async def test_second(booted):
+            assert (await booted.cmd("query-status"))["running"]
+
+        def test_sync_without_machine():
+            pass
+
+        def test_sync_with_machine(machine):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, errors=1)
+    out = result.stdout.str()
+    assert "no plugin" not in out and "AssertionError" not in out
+    assert "test_sync_with_machine uses trio_qemu's `machine` fixture, which is async" in out
+
+
+def test_plugin_named_on_the_command_line(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeini(PLAIN_INI)
+    pytester.makepyfile(
+        test_p="""
+        async def test_vm(machine):
+            vm = await machine(machine="none", args=["-nodefaults"])
+            assert (await vm.cmd("query-status"))["running"]
+        """
+    )
+    # Also registered by its entry point: pytest must see one plugin, not two.
+    result = pytester.runpytest_subprocess(*NO_CACHE, "-p", "trio_qemu.pytest_plugin")
+    result.assert_outcomes(passed=1)
+    assert "already registered" not in result.stdout.str() + result.stderr.str()
+
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    result = pytester.runpytest_subprocess(
+        *NO_CACHE, "-p", "pytest_trio.plugin", "-p", "trio_qemu.pytest_plugin"
+    )
+    result.assert_outcomes(passed=1)
+    # Without pytest-trio the test errors with a message that says what to do.
+    result = pytester.runpytest_subprocess(*NO_CACHE, "-p", "trio_qemu.pytest_plugin")
+    result.assert_outcomes(errors=1)
+    assert "needs the pytest-trio plugin" in result.stdout.str()
+    assert "-p pytest_trio.plugin" in result.stdout.str()
+
+
+def test_machine_dying_mid_command_is_reported_once(pytester: pytest.Pytester) -> None:
+    """QEMU killed while the test waits on the guest: one failure, MachineExited, with the
+    VM's sections, none of the library's internal exception chain, no terminal escapes."""
+    pytester.makeini(PLAIN_INI)
+    pytester.makepyfile(
+        test_dies="""
+        import os, signal, trio
+
+        async def test_dies(machine):
+            vm = await machine(guest=True, console_log="console.log")
+            open("pid", "w").write(str(vm.pid))
+            # colours and a window title on the console, as real guests print them
+            await vm.shell.run(
+                r"printf '\\033[1;31mRED-TEXT\\033[0m \\033]0;a title\\007\\n' >/dev/console"
+            )
+            await vm.console.wait_for(b"RED-TEXT", timeout=30)
+
+            async def kill_soon():
+                await trio.sleep(0.3)
+                os.kill(vm.pid, signal.SIGKILL)
+
+            async with trio.open_nursery() as nursery:   # the user's own nursery, too
+                nursery.start_soon(kill_soon)
+                await vm.shell.run("sleep 60", timeout=60)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    for internal in ("ExceptionGroup", "_ChannelEnded", "BrokenResourceError",
+                     "ConnectionResetError", "During handling", "direct cause"):
+        assert internal not in out, internal
+    raised = [line for line in out.splitlines() if line.startswith("E ") and "Exited" in line]
+    assert len(raised) == 1, raised
+    assert re.search(r"^FAILED test_dies.py::test_dies - \S*MachineExited: ", out, re.MULTILINE)
+    assert out.count("trio_qemu machine ") == 1
+    assert "--- QEMU output ---" in out
+    console = out.split("--- console (tail) ---", 1)[1].split("--- QEMU output ---", 1)[0]
+    assert "RED-TEXT" in console
+    assert "\x1b" not in out and "[1;31m" not in console and "]0;a title" not in console
+    # The guest really wrote escapes: the report removed them.
+    assert b"\x1b[1;31mRED-TEXT" in (pytester.path / "console.log").read_bytes()
+    assert _gone(int((pytester.path / "pid").read_text()))
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("trio-guest:/# \x1b[6n", "trio-guest:/# "),
+        ("\x1b[1;31mred\x1b[0m\r\n", "red\n"),
+        ("a\x1b]0;title\x07b \x1b]8;;http://x\x1b\\link", "ab link"),
+        ("\x1bP1$r0m\x1b\\ok \x1b(B\x1b=done", "ok done"),
+        ("tab\tnul\x00bs\x08del\x7f\u009b2J", "tab\tnulbsdel"),
+        ("\x1b]unterminated\nnext line", "\nnext line"),
+        ("plain text, 100% [ok]", "plain text, 100% [ok]"),
+    ],
+)
+def test_strip_escapes(raw: str, clean: str) -> None:
+    assert _strip_escapes(raw) == clean

@@ -21,8 +21,9 @@ import trio
 import trio.testing
 
 from trio_qemu import Machine, MachineError, MachineExited, open_machine
+from trio_qemu._config import SHELL_PORT_NAME
 from trio_qemu._errors import GuestCommandError, ShellError, ShellTimeout
-from trio_qemu._shell import GuestResult, Shell
+from trio_qemu._shell import SHELL_AGENT_PATH, GuestResult, Shell
 from trio_qemu.guest import GuestImage, build_guest
 
 BOOT_TIMEOUT = 60.0
@@ -122,14 +123,41 @@ async def test_junk_stale_results_and_long_lines_are_skipped(
             + rid
             + b" 0\n"
             + result(b"stale-1", 137, b"old output")  # a killed command's late result
+            + b"#" + b"y" * 100_000 + b"\n"  # an overlong control line: dropped
             + b"#P old\n#R 42\n"
             + b"#B stale-2 0 1000 0\nQUJD\n"  # a stale result cut short by ours
             + result(rid, 3, b"\x00\xff\n", b"err")
-        )
+        )  # fmt: skip
 
     shell = fake(noisy)
     got = await shell.run("whatever")
     assert (got.returncode, got.stdout, got.stderr) == (3, b"\x00\xff\n", b"err")
+
+
+async def test_a_line_cut_short_by_a_dying_agent(fake: MakeShell) -> None:
+    """Base64 never holds a "#": whatever a dying writer left unfinished (a line of a result,
+    or a control line), the next "#" starts a line again."""
+    runs = 0
+
+    async def dying(fields: Request, stream: trio.abc.Stream) -> None:
+        nonlocal runs
+        if fields[0] == b"P":
+            await stream.send_all(
+                b"#B old 0 30 0\nQUJDRE" + b"#R 7\n#B ol" + b"#P %s\n" % fields[1]
+            )
+        elif fields[0] == b"R":
+            runs += 1
+            rid = fields[1]
+            if runs == 1:  # the agent restarts in the middle of our result
+                await stream.send_all(b"#B %s 0 30 0\nQUJDRE\n#R 8\n" % rid)
+            else:
+                await stream.send_all(result(rid, 0, b"fine"))
+
+    shell = fake(dying)
+    await shell.wait_ready(timeout=5)
+    with pytest.raises(ShellError, match="restarted while it sent the result of 'one'"):
+        await shell.run("one")
+    assert (await shell.run("two")).stdout == b"fine"
 
 
 @pytest.mark.parametrize(
@@ -186,19 +214,22 @@ async def test_timeout_kills_and_keeps_partial_output(
         if fields[0] == b"K":
             assert fields[1] == fields[2]
             killed.append(fields[1])
-            await stream.send_all(result(fields[1], 137, b"partial"))
+            status = 137 if len(killed) == 1 else 0  # the second one ended as it was killed
+            await stream.send_all(result(fields[1], status, b"partial"))
         elif fields[0] == b"R" and base64.b64decode(fields[4]) != b"sleep":
             await stream.send_all(result(fields[1], 0, b"ok"))
 
     shell = fake(slow)
     start = trio.current_time()
-    with pytest.raises(ShellTimeout) as info:
+    with pytest.raises(ShellTimeout, match=r"within 0\.2 s; it was killed$") as info:
         await shell.run("sleep", timeout=0.2)
     assert trio.current_time() - start == pytest.approx(0.2)  # the kill is confirmed at once
     assert isinstance(info.value, TimeoutError) and isinstance(info.value, MachineError)
     assert (info.value.command, info.value.stdout) == ("sleep", b"partial")
     assert len(killed) == 1
     assert (await shell.run("next")).stdout == b"ok"
+    with pytest.raises(ShellTimeout, match="it ended with status 0 as the kill was sent"):
+        await shell.run("sleep", timeout=0.2)
 
 
 async def test_timeout_while_the_result_arrives(
@@ -227,17 +258,152 @@ async def test_timeout_while_the_result_arrives(
 async def test_timeout_without_kill_confirmation(
     fake: MakeShell, autojump_clock: trio.abc.Clock
 ) -> None:
+    """The agent answers the ping sent with the kill, but the command's result never comes
+    (its worker was killed): a timeout that says just that, not that it was killed."""
+
     async def deaf(fields: Request, stream: trio.abc.Stream) -> None:
-        if fields[0] == b"R" and base64.b64decode(fields[4]) == b"next":
+        if fields[0] == b"P":
+            await stream.send_all(b"#P %s\n" % fields[1])
+        elif fields[0] == b"R" and base64.b64decode(fields[4]) == b"next":
             await stream.send_all(result(fields[1], 0, b"ok"))
 
     shell = fake(deaf, kill_timeout=0.3)
     start = trio.current_time()
-    with pytest.raises(ShellTimeout) as info:
+    with pytest.raises(ShellTimeout, match="answers, but it did not confirm") as info:
         await shell.run("hang", timeout=0.2)
     assert trio.current_time() - start == pytest.approx(0.2 + 0.3)
-    assert info.value.stdout == b""
+    assert "killed" not in str(info.value) and info.value.stdout == b""
+    assert shell.agent_gone is None
     assert (await shell.run("next")).stdout == b"ok"
+
+
+async def test_timeout_with_a_silent_agent(fake: MakeShell, autojump_clock: trio.abc.Clock) -> None:
+    """An agent that answers neither the kill nor the ping sent with it: a ShellError saying
+    so (no claim of a kill); later runs ping first and fail within kill_timeout, sending
+    nothing, until the agent answers again."""
+    requests: list[bytes] = []
+    alive = True
+
+    async def dies(fields: Request, stream: trio.abc.Stream) -> None:
+        nonlocal alive
+        requests.append(fields[0])
+        if fields[0] == b"R" and base64.b64decode(fields[4]) == b"kill the agent":
+            alive = False
+        elif alive and fields[0] == b"P":
+            await stream.send_all(b"#P %s\n" % fields[1])
+        elif alive and fields[0] == b"R":
+            await stream.send_all(result(fields[1], 0, b"ok"))
+
+    shell = fake(dies, kill_timeout=0.5)
+    start = trio.current_time()
+    with pytest.raises(ShellError, match="answered neither its kill nor a ping") as info:
+        await shell.run("kill the agent", timeout=2)
+    assert not isinstance(info.value, ShellTimeout) and "was killed" not in str(info.value)
+    assert trio.current_time() - start == pytest.approx(2 + 0.5)
+    assert shell.agent_gone is not None and not shell.ready
+    assert requests == [b"R", b"K", b"P"]
+
+    start = trio.current_time()
+    with pytest.raises(ShellError, match="does not answer") as info:
+        await shell.run("echo hi", timeout=60)
+    assert trio.current_time() - start == pytest.approx(0.5)  # not the run's timeout
+    assert requests[3:] == [b"P"]  # the command was not sent
+
+    alive = True  # the agent is back (restarted): it answers the next ping
+    assert (await shell.run("echo hi")).stdout == b"ok"
+    assert shell.agent_gone is None and shell.ready
+
+
+async def test_port_closed_ends_runs_at_once(
+    fake: MakeShell, autojump_clock: trio.abc.Clock
+) -> None:
+    """The owner saw the guest close the port (the agent died): a run waiting for a result
+    fails at once, saying so; later runs fail at once, sending nothing, until the port is
+    opened again or the agent answers a ping."""
+    requests: list[bytes] = []
+    answer_pings = False
+
+    async def agent(fields: Request, stream: trio.abc.Stream) -> None:
+        requests.append(fields[0])
+        if fields[0] == b"P" and answer_pings:
+            await stream.send_all(b"#P %s\n" % fields[1])
+        elif fields[0] == b"R" and base64.b64decode(fields[4]) != b"hang":
+            await stream.send_all(result(fields[1], 0, b"ok"))
+
+    shell = fake(agent)
+
+    async def close_port_soon() -> None:
+        await trio.sleep(1)
+        shell.port_closed()
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close_port_soon)
+        with pytest.raises(ShellError, match=r"gone .* while 'hang' ran: its outcome is unknown"):
+            await shell.run("hang", timeout=60)
+    assert trio.current_time() - start == pytest.approx(1)
+    assert shell.agent_gone == "the guest closed its end of the shell port"
+    assert "agent gone" in repr(shell)
+
+    with pytest.raises(ShellError, match="the guest shell is gone") as info:
+        await shell.run("echo", timeout=60)
+    assert not isinstance(info.value, ShellTimeout)
+    assert trio.current_time() - start == pytest.approx(1)
+    assert requests == [b"R"]
+
+    shell.port_opened()  # an agent opened the port again
+    assert (await shell.run("echo")).stdout == b"ok"
+
+    # Without port_opened(): a pong to a ping sent after the close brings it back (one
+    # sent before does not: it may have been answered by the agent that died).
+    shell.port_closed("the agent was killed")
+    with pytest.raises(ShellTimeout, match="it is gone: the agent was killed"):
+        await shell.wait_ready(timeout=1)
+    answer_pings = True
+    await shell.wait_ready(timeout=5)
+    assert shell.agent_gone is None and shell.ready
+    assert (await shell.run("echo")).stdout == b"ok"
+
+
+async def test_a_stale_pong_does_not_revive_a_gone_agent(
+    fake: MakeShell, autojump_clock: trio.abc.Clock
+) -> None:
+    """A pong to a ping sent before the port closed may come from the agent that died."""
+    pings: list[bytes] = []
+
+    async def late(fields: Request, stream: trio.abc.Stream) -> None:
+        if fields[0] == b"P":
+            pings.append(fields[1])
+            if len(pings) > 1:  # only ever the answer to the first ping, late
+                await stream.send_all(b"#P %s\n" % pings[0])
+
+    shell = fake(late)
+    with pytest.raises(ShellTimeout):
+        await shell.wait_ready(timeout=0.1)
+    shell.port_closed()
+    with pytest.raises(ShellTimeout, match="it is gone"):
+        await shell.wait_ready(timeout=5)
+    assert len(pings) > 2 and shell.agent_gone is not None and not shell.ready
+
+
+async def test_watch_port_follows_the_port_events() -> None:
+    send, receive = trio.open_memory_channel[dict[str, Any]](10)
+    ours, _theirs = trio.testing.memory_stream_pair()
+    shell = Shell(ours)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(shell.watch_port, receive)
+        await send.send({"event": "VSERPORT_CHANGE", "data": {"id": "p", "open": True}})
+        await trio.testing.wait_all_tasks_blocked()
+        assert shell.agent_gone is None
+        await send.send({"event": "VSERPORT_CHANGE", "data": {"id": "p", "open": False}})
+        await trio.testing.wait_all_tasks_blocked()
+        assert shell.agent_gone == "the guest closed its end of the shell port"
+        await send.send({"event": "VSERPORT_CHANGE", "data": {"id": "p", "open": True}})
+        await trio.testing.wait_all_tasks_blocked()
+        assert shell.agent_gone is None
+        await send.aclose()  # the events end (QEMU exited): the watcher returns
+    with pytest.raises(trio.ClosedResourceError):
+        receive.receive_nowait()  # and closed its subscription
 
 
 async def test_wait_ready_pings_again_when_the_agent_starts(
@@ -311,19 +477,54 @@ async def test_end_of_file_and_close() -> None:
         await shell.wait_ready()
 
 
-async def test_concurrent_runs_are_serialised(fake: MakeShell) -> None:
-    active = 0
+class SharedStream(trio.abc.Stream):
+    """A stream that lets several tasks send and receive at once (each call whole), as a
+    socket would: with it, only the shell's own lock keeps two runs apart."""
 
-    async def one_at_a_time(fields: Request, stream: trio.abc.Stream) -> None:
-        nonlocal active
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self._inner = inner
+        self._sending = trio.Lock()
+        self._receiving = trio.Lock()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        async with self._sending:
+            await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        async with self._receiving:
+            return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_concurrent_runs_are_serialised(nursery: trio.Nursery) -> None:
+    """The fake agent reads on while each command "runs" (it answers from a task of its
+    own, later), so two runs in the guest at once would show: it fails the test there."""
+    running: set[bytes] = set()
+    most = 0
+    send_lock = trio.Lock()
+
+    async def finish(rid: bytes, output: bytes, stream: trio.abc.Stream) -> None:
+        await trio.sleep(0.005)
+        running.discard(rid)
+        async with send_lock:
+            await stream.send_all(result(rid, 0, output))
+
+    async def concurrent(fields: Request, stream: trio.abc.Stream) -> None:
+        nonlocal most
         if fields[0] == b"R":
-            active += 1
-            assert active == 1
-            await trio.sleep(0.001)
-            active -= 1
-            await stream.send_all(result(fields[1], 0, base64.b64decode(fields[4])))
+            assert not running, f"{fields[1]!r} was sent while {sorted(running)} still ran"
+            running.add(fields[1])
+            most = max(most, len(running))
+            nursery.start_soon(finish, fields[1], base64.b64decode(fields[4]), stream)
 
-    shell = fake(one_at_a_time)
+    ours, theirs = trio.testing.memory_stream_pair()
+    nursery.start_soon(fake_agent, theirs, concurrent)
+    shell = Shell(SharedStream(ours))
     outputs: dict[int, bytes] = {}
 
     async def run(i: int) -> None:
@@ -333,6 +534,7 @@ async def test_concurrent_runs_are_serialised(fake: MakeShell) -> None:
         for i in range(20):
             nursery.start_soon(run, i)
     assert outputs == {i: f"cmd {i}".encode() for i in range(20)}
+    assert most == 1
 
 
 def test_check_returncode() -> None:
@@ -403,15 +605,15 @@ async def test_one_mebibyte_exact(shell: Shell) -> None:
 
 async def test_timeout_kills_the_command_and_the_shell_stays_usable(shell: Shell) -> None:
     start = time.monotonic()
-    with pytest.raises(ShellTimeout) as info:
+    with pytest.raises(ShellTimeout, match=r"within 1\.0 s; it was killed$") as info:
         await shell.run("echo started; sleep 300 & sleep 301", timeout=1.0)
     elapsed = time.monotonic() - start
     assert 1.0 <= elapsed < 5
     assert info.value.stdout == b"started\n"
     assert (await shell.run("echo ok")).stdout == b"ok\n"
     # The whole process group is gone, the background sleep too.
-    processes = (await shell.run("ps -o args")).stdout
-    assert b"sleep 30" not in processes
+    processes = (await shell.run("ps -o args", check=True)).stdout
+    assert b"trio-shell-agent" in processes and b"sleep 30" not in processes
 
 
 async def test_ten_concurrent_runs(shell: Shell) -> None:
@@ -469,7 +671,60 @@ async def test_round_trips_per_second(shell: Shell) -> None:
         await shell.run("true")
     rate = count / (time.monotonic() - start)
     print(f"shell.run('true'): {rate:.0f} round trips/s")
-    assert rate > 5
+
+
+#: A command that kills the guest's shell agent: the agent, its writer and its workers are
+#: one process group (the command's parent, ``$PPID``, is one of the workers), and so are
+#: all holders of the agent's end of the port; the command leads a session of its own.
+KILL_THE_AGENT = "read -r _ _ _ _ group _ </proc/$PPID/stat; kill -9 -$group"
+
+
+async def test_a_lost_result_is_not_reported_as_killed(vm: Machine) -> None:
+    """``kill -9 $PPID`` kills the agent's worker that waits for the command: the agent lives
+    on, but that command's result never comes. The timeout says so, not "killed"."""
+    shell = Shell(vm.channel("shell"), kill_timeout=2)
+    await shell.wait_ready(timeout=BOOT_TIMEOUT)
+    start = time.monotonic()
+    with pytest.raises(ShellTimeout, match="answers, but it did not confirm") as info:
+        await shell.run("kill -9 $PPID", timeout=2)
+    assert 4 <= time.monotonic() - start < 10
+    assert "killed" not in str(info.value)
+    assert (await shell.run("echo ok")).stdout == b"ok\n"
+
+
+async def test_an_agent_killed_by_its_command_is_reported_at_once(vm: Machine) -> None:
+    """QEMU reports the guest closing the port (``VSERPORT_CHANGE``, which the machine passes
+    on to its shell): the run that killed the agent fails at once, and so do later ones,
+    until an agent runs again. (The tiny guest's init starts the agent once, never again.)"""
+    shell = vm.shell
+    await shell.wait_ready(timeout=BOOT_TIMEOUT)
+    start = time.monotonic()
+    with pytest.raises(ShellError, match=r"gone .* while .* ran: its outcome is unknown") as info:
+        await shell.run(KILL_THE_AGENT, timeout=20)
+    assert not isinstance(info.value, ShellTimeout)
+    assert time.monotonic() - start < 5  # not the run's timeout
+    start = time.monotonic()
+    with pytest.raises(ShellError, match="the guest shell is gone: the guest closed its end"):
+        await shell.run("echo hi", timeout=20)
+    assert time.monotonic() - start < 1
+    # Started again (here by hand, on the console), the agent serves the same shell.
+    await vm.console.send_line(
+        f"{SHELL_AGENT_PATH} /dev/virtio-ports/{SHELL_PORT_NAME} </dev/null >/dev/null 2>&1 &"
+    )
+    await shell.wait_ready(timeout=30)
+    assert (await shell.run("echo back", check=True)).stdout == b"back\n"
+
+
+async def test_kill_minus_one_in_the_guest_is_reported_at_once(vm: Machine) -> None:
+    """``kill -9 -1`` kills every process but init and the caller: the agent too."""
+    await vm.shell.wait_ready(timeout=BOOT_TIMEOUT)
+    start = time.monotonic()
+    with pytest.raises(ShellError, match="the guest shell is gone") as info:
+        await vm.shell.run("kill -9 -1", timeout=20)
+    assert not isinstance(info.value, ShellTimeout)
+    assert time.monotonic() - start < 5
+    with pytest.raises(ShellError, match="the guest shell is gone"):
+        await vm.shell.run("true", timeout=20)
 
 
 async def test_qemu_dying_ends_a_pending_run(guest: GuestImage, nursery: trio.Nursery) -> None:

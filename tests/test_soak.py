@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from census import qemu_children
-from test_reliability import Census, make_base, open_fds
+from census import Census, open_fds, qemu_children
+from reliability import make_base
 
 import trio_qemu
 from trio_qemu import MachineConfig

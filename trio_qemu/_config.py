@@ -1,7 +1,8 @@
 """What a machine is: :class:`MachineConfig` and the pure QEMU command-line builder.
 
-Nothing here starts a process or opens a socket (except the one cached KVM probe behind
-``accel="auto"``), so every option can be tested without QEMU. The machine module creates
+Nothing here starts a process or opens a socket (the file system is read only by the one
+cached KVM probe behind ``accel="auto"`` and by :func:`check_paths`, which a launch calls
+before QEMU starts), so every option can be tested without QEMU. The machine module creates
 the socketpairs and hands their child-side fd numbers to :meth:`MachineConfig.argv` as a
 :class:`ChannelFds`.
 """
@@ -13,21 +14,26 @@ import enum
 import functools
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Self
+
+from ._errors import LaunchError
 
 __all__ = [
     "ACCEL_ENV",
     "AGENT_PORT_NAME",
     "CPUINFO",
     "DEFAULT_BINARY",
+    "DETACHING_OPTIONS",
     "KVM_DEVICE",
     "PLACEHOLDER_FDS",
     "SHELL_PORT_NAME",
     "ChannelFds",
     "FdSpec",
     "MachineConfig",
+    "check_paths",
     "kvm_usable",
     "resolve_accel",
 ]
@@ -52,6 +58,11 @@ AGENT_PORT_NAME: Final = "org.qemu.guest_agent.0"
 """The virtio-serial port name the QEMU guest agent looks for by default."""
 
 _VSER_ID: Final = "trio-vser"
+
+DETACHING_OPTIONS: Final = frozenset({"-daemonize", "--daemonize"})
+"""QEMU options refused in :attr:`MachineConfig.args`: with them QEMU forks, its first process
+exits at once and the daemon runs on out of our reach (not our child, so neither supervised,
+killed nor reaped). QEMU accepts every option with one or two dashes."""
 
 
 @dataclass(frozen=True)
@@ -132,12 +143,15 @@ class MachineConfig:
 
     binary: str | None = None
     """The QEMU executable. None: ``$QEMU`` if set, else ``qemu-system-x86_64``, looked up
-    on PATH when QEMU is started (see :meth:`resolved_binary`)."""
+    on PATH when QEMU is started (see :meth:`resolved_binary`). An empty name is refused."""
     args: Sequence[str] = ()
     """Extra QEMU arguments, appended after everything else (so they can add to, and for
-    options QEMU lets repeat, override what the other fields produce)."""
+    options QEMU lets repeat, override what the other fields produce). Options that would
+    detach QEMU from this process (``DETACHING_OPTIONS``: ``-daemonize``) are refused."""
     wrapper: Sequence[str] = ()
-    """A command QEMU runs under, put before the binary, e.g. ``("taskset", "-c", "0")``."""
+    """A command QEMU runs under, put before the binary, e.g. ``("taskset", "-c", "0")``.
+    It must run QEMU as itself (``exec``) or stay its parent until it exits: a wrapper that
+    forks QEMU off and exits (``setsid -f``) looks to us like QEMU exiting."""
     name: str | None = None
     """A label for logs and error messages; the machine picks one when None."""
     machine: str | None = None
@@ -166,7 +180,8 @@ class MachineConfig:
     """Which serial port is the console: that many ``-serial null`` come first (as
     ``qemu.machine`` does), so 1 makes it the guest's ttyS1."""
     console_log: str | os.PathLike[str] | None = None
-    """A file the console output is also written to (by the console module, not QEMU)."""
+    """A file the console output is also appended to (by the console module, not QEMU);
+    created if missing, in a directory that must exist (checked at launch)."""
     console_buffer: int = 1 << 20
     """Size in bytes of the in-memory ring buffer of recent console output."""
     monitor_address: str | os.PathLike[str] | tuple[str, int] | None = None
@@ -178,7 +193,8 @@ class MachineConfig:
     base_temp_dir: str | os.PathLike[str] | None = None
     """Where the machine's temporary directory is made; None: ``tempfile.gettempdir()``."""
     log_dir: str | os.PathLike[str] | None = None
-    """Where QEMU's output log goes; None: the machine's temporary directory."""
+    """Where QEMU's output log goes (an existing, writable directory: checked at launch,
+    before QEMU starts); None: the machine's temporary directory."""
     launch_timeout: float = 30.0
     """Seconds from starting QEMU to a negotiated QMP connection before launch fails."""
     qmp_timeout: float = 30.0
@@ -218,6 +234,34 @@ class MachineConfig:
             for item in getattr(self, field):
                 if not isinstance(item, str):
                     raise TypeError(f"MachineConfig.{field} items must be str, not {item!r}")
+        for item in self.args:
+            if item in DETACHING_OPTIONS:
+                raise ValueError(
+                    f"MachineConfig.args must not contain {item!r}: QEMU would detach from "
+                    "this process (fork, and its first process exit at once), and trio_qemu "
+                    "can only supervise, stop and reap a QEMU that stays its child"
+                )
+        if self.binary is not None:
+            if not isinstance(self.binary, str):
+                raise TypeError(
+                    f"MachineConfig.binary must be a str (or None), not {self.binary!r}"
+                )
+            if not self.binary.strip():
+                raise ValueError(
+                    f"MachineConfig.binary must name a QEMU executable, not {self.binary!r} "
+                    "(None: $QEMU, else qemu-system-x86_64)"
+                )
+        for field in ("log_dir", "console_log", "base_temp_dir"):
+            value = getattr(self, field)
+            if value is not None and (
+                not isinstance(value, str | os.PathLike)
+                or not isinstance(os.fspath(value), str)
+                or not os.fspath(value)
+            ):
+                raise ValueError(
+                    f"MachineConfig.{field} must be a non-empty path (str or "
+                    f"os.PathLike[str]) or None, not {value!r}"
+                )
         for spec in self.fds:
             if not isinstance(spec, FdSpec):
                 raise TypeError(f"MachineConfig.fds items must be FdSpec, not {spec!r}")
@@ -327,7 +371,7 @@ class MachineConfig:
         """The full command line, wrapper first and :attr:`args` last.
 
         ``fds`` are the inherited fd numbers of the socketpair channels; None shows the
-        :data:`PLACEHOLDER_FDS` (monitor 3, console 4, shell 5, agent 6). ``accel``
+        ``PLACEHOLDER_FDS`` (monitor 3, console 4, shell 5, agent 6). ``accel``
         replaces :attr:`accel` (a machine resolves it once and passes the result); when not
         given, :attr:`accel` goes through :func:`resolve_accel`, which may probe KVM once.
 
@@ -394,6 +438,51 @@ class MachineConfig:
         return argv
 
 
+def check_paths(config: MachineConfig, *, name: str | None = None) -> None:
+    """Check, before QEMU is started, the paths a launch writes to; raise :class:`LaunchError`
+    naming the field and the cause.
+
+    - ``log_dir`` must be an existing directory we may create files in;
+    - ``console_log`` must open for appending: a regular file is opened here (and created if
+      missing, as the console would a moment later), then closed again; a FIFO or device is
+      only checked for write permission (opening it would disturb its reader).
+
+    ``name`` is the machine's name, for the error message. Only the file system is touched;
+    the config itself was validated when it was made.
+    """
+    if config.log_dir is not None:
+        path = os.fspath(config.log_dir)
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            what = "does not exist" if isinstance(exc, FileNotFoundError) else "is unusable"
+            raise LaunchError(f"log_dir {path!r} {what}: {exc}", name=name) from exc
+        if not stat.S_ISDIR(info.st_mode):
+            raise LaunchError(f"log_dir {path!r} is not a directory", name=name)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise LaunchError(
+                f"log_dir {path!r} is not writable: QEMU's output log cannot be created there",
+                name=name,
+            )
+    if config.console_log is not None:
+        path = os.fspath(config.console_log)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as exc:
+            raise LaunchError(f"cannot open console_log {path!r}: {exc}", name=name) from exc
+        if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            # A FIFO or a device: opening and closing it here would disturb its reader.
+            if not os.access(path, os.W_OK):
+                raise LaunchError(f"cannot open console_log {path!r}: not writable", name=name)
+            return
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666))
+        except OSError as exc:
+            raise LaunchError(f"cannot open console_log {path!r}: {exc}", name=name) from exc
+
+
 def _is_int(value: object) -> bool:
     """True for a real int (``bool`` is an int subclass but never a count)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -438,9 +527,9 @@ _probe_kvm_cached = functools.cache(_probe_kvm)
 
 
 def kvm_usable() -> bool:
-    """Whether ``accel="auto"`` may choose KVM here (see :func:`_probe_kvm`).
+    """Whether ``accel="auto"`` may choose KVM here (see ``_probe_kvm``).
 
-    Probed once per (:data:`KVM_DEVICE`, :data:`CPUINFO`) pair and cached.
+    Probed once per (``KVM_DEVICE``, ``CPUINFO``) pair and cached.
     """
     return _probe_kvm_cached(KVM_DEVICE, CPUINFO)
 

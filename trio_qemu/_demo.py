@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import trio
 
-from ._machine import Machine, open_machines
+from ._machine import Machine
+from ._openers import open_machines
 from .guest import ensure_guest
 
 __all__ = ["run_demo"]

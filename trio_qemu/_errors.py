@@ -1,8 +1,38 @@
 """The exceptions trio_qemu raises.
 
 Every error a user sees is a :class:`MachineError` (or ``qemu.qmp.ExecuteError`` for a
-command QEMU refused). Protocol errors also derive from ``qemu.qmp``'s own classes, so code
-written against ``qemu.qmp`` keeps catching them.
+command QEMU refused; or a bare ``KeyboardInterrupt`` for Ctrl-C, never wrapped in a group).
+Protocol errors also derive from ``qemu.qmp``'s own classes, so code written against
+``qemu.qmp`` keeps catching them. Every ``...Timeout`` is also a ``TimeoutError``::
+
+    MachineError
+     +-- LaunchError              QEMU could not start, or stalled/died before QMP was ready
+     +-- MachineExited            QEMU died while in use (exit status, its output)
+     +-- MachineTimeout           a wait on the machine itself (wait())
+     +-- AbnormalShutdown         a graceful stop failed; QEMU was killed
+     +-- ConsoleError             the serial console (each carries the console's tail)
+     |    +-- ConsoleTimeout      wait_for saw no match in time
+     |    +-- ConsoleClosed       the console ended while waited on
+     |    +-- ConsoleFailure      a fail pattern appeared first
+     +-- EventsDropped            a subscription's buffer overflowed (raised once)
+     +-- QMPTimeout               a QMP exchange took too long
+     |    +-- AgentTimeout        (also an AgentError)
+     +-- QMPConnectionClosed      (also qemu.qmp.QMPError) the monitor ended
+     +-- QMPProtocolError         (also qemu.qmp.ProtocolError) the peer broke QMP
+     |    +-- QMPGreetingError, QMPNegotiationError, QMPBadMessage, QMPUnexpectedReply
+     +-- GuestBuildError          the tiny guest could not be built
+     +-- GuestCommandError        a guest command with check=True failed
+     +-- ShellError               the guest shell channel failed or is gone
+     |    +-- ShellTimeout        a guest command outlived its timeout (it was killed)
+     +-- MigrationError           a migration was refused, failed or timed out
+     +-- QtestError               qemu answered FAIL/ERR to a qtest request
+     |    +-- QtestTimeout        no answer in time
+     +-- QtestInvalidRequest      (also ValueError) refused before sending
+     +-- QtestProtocolError       the qtest channel is unusable
+     +-- NetworkError             a network helper failed
+     |    +-- NetworkTimeout
+     +-- AgentError               the QEMU guest agent could not do what was asked
+          +-- AgentTimeout
 """
 
 from __future__ import annotations
@@ -17,6 +47,7 @@ __all__ = [
     "AgentError",
     "AgentTimeout",
     "ConsoleClosed",
+    "ConsoleError",
     "ConsoleFailure",
     "ConsoleTimeout",
     "EventsDropped",
@@ -138,8 +169,9 @@ class AbnormalShutdown(MachineError):
     """
 
 
-class ConsoleTimeout(MachineError, TimeoutError):
-    """``console.wait_for`` saw no match in time. ``tail`` is the console's recent output."""
+class ConsoleError(MachineError):
+    """Base of the serial console's errors. ``tail`` is the console's recent output, shown
+    after the message."""
 
     def __init__(self, message: str, tail: bytes = b"") -> None:
         self.tail = tail
@@ -150,33 +182,24 @@ class ConsoleTimeout(MachineError, TimeoutError):
         return f"{self.args[0]}\n  console tail:\n" + _tail(text)
 
 
-class ConsoleClosed(MachineError):
+class ConsoleTimeout(ConsoleError, TimeoutError):
+    """``console.wait_for`` saw no match in time."""
+
+
+class ConsoleClosed(ConsoleError):
     """The console ended (QEMU exited, the machine shut down) while something waited on it.
 
-    ``tail`` is the console's last output. When QEMU died unexpectedly the waiters get
-    :class:`MachineExited` instead.
+    When QEMU died unexpectedly the waiters get :class:`MachineExited` instead.
     """
 
-    def __init__(self, message: str, tail: bytes = b"") -> None:
-        self.tail = tail
-        super().__init__(message)
 
-    def __str__(self) -> str:
-        text = self.tail.decode("utf-8", "replace")
-        return f"{self.args[0]}\n  console tail:\n" + _tail(text)
-
-
-class ConsoleFailure(MachineError):
-    """A fail pattern given to ``console.wait_for`` appeared before the awaited one."""
+class ConsoleFailure(ConsoleError):
+    """A fail pattern given to ``console.wait_for`` appeared before the awaited one;
+    ``match`` is that pattern's match."""
 
     def __init__(self, message: str, match: object = None, tail: bytes = b"") -> None:
         self.match = match
-        self.tail = tail
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        text = self.tail.decode("utf-8", "replace")
-        return f"{self.args[0]}\n  console tail:\n" + _tail(text)
+        super().__init__(message, tail)
 
 
 class EventsDropped(MachineError):
@@ -361,11 +384,21 @@ class QtestProtocolError(MachineError):
         return f"{self.args[0]}\n  received: {shown!r}"
 
 
-class QtestTimeout(MachineError, TimeoutError):
+class QtestTimeout(QtestError, TimeoutError):
     """A qtest request (or an IRQ wait) got no answer in time.
 
     For a request the channel stays in step: its late reply is recognised and discarded.
+    ``status`` is ``"TIMEOUT"`` and ``reason`` the message.
     """
+
+    def __init__(self, message: str, line: str = "") -> None:
+        self.line = line
+        self.status = "TIMEOUT"
+        self.reason = message
+        MachineError.__init__(self, message)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class NetworkError(MachineError):

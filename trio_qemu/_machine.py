@@ -1,42 +1,48 @@
 """A running QEMU machine: launch, supervision and teardown in one nursery.
 
-:func:`open_machine` is the way in. Behind it, :class:`Machine` runs three service tasks:
-the QEMU process (:mod:`._process`), the QMP reader (:mod:`._qmp`) and the console drain
-(:mod:`._console`). Services run in shielded cancel scopes so that when the block is left
-for any reason, even an outer cancel, they keep working through the shutdown sequence: the
-``quit`` reply still arrives and the console is still drained. Only when QEMU is reaped are
-they cancelled. Every step of that sequence has a deadline:
+:class:`Machine` runs three service tasks: the QEMU process (:mod:`._process`), the QMP
+reader (:mod:`._qmp`) and the console drain (:mod:`._console`); the openers in
+:mod:`._openers` wrap it for users. Services run in shielded cancel scopes so that when the
+block is left for any reason, even an outer cancel, they keep working through the shutdown
+sequence: the ``quit`` reply still arrives and the console is still drained. Only when QEMU
+is reaped are they cancelled. Every step of that sequence has a deadline:
 
 1. QEMU runs and QMP is up: send ``quit`` and wait up to ``shutdown_timeout`` for it to exit
    (without QMP: SIGTERM and the same wait).
-2. Still running, or a hard stop was asked for: SIGKILL the process group and reap it.
-3. Let the console drain read what QEMU printed last (up to 1 s; EOF is immediate).
-4. Close the channels, cancel the services, remove the temporary directory.
+2. Still running, or a hard stop was asked for: SIGKILL the process group.
+3. Let the console drain read what QEMU printed last (up to :data:`~._util.EOF_GRACE`).
+4. :meth:`Machine._release`: close the channels, cancel the services, remove the temporary
+   directory. It is synchronous, protected from ``KeyboardInterrupt`` and runs in a
+   ``finally``: a Ctrl-C (or any error) at any await of steps 1-3 skips to a SIGKILL and
+   still releases everything, so no waiter is left hanging.
 
-If QEMU exits while the machine is in use and nobody asked it to, every pending call and
-wait ends at once with :class:`~trio_qemu.MachineExited`, the body of ``open_machine`` is
-cancelled, and the block raises that error.
+The machine's code is protected from ``KeyboardInterrupt`` (``enable_ki_protection``): Trio
+then delivers Ctrl-C only at a checkpoint of the task that runs ``trio.run``'s main
+function, never halfway through a state change of ours.
+
+The lifecycle is one :class:`MachineState`; whether QEMU's exit is an error is decided in
+one place, :meth:`Machine.exit_expected`. If QEMU exits while the machine is ``RUNNING`` and
+nobody said to expect it, every pending call and wait ends at once with
+:class:`~trio_qemu.MachineExited`, and the owner is told (``on_failure``) so it can cancel
+the user's block.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import math
 import os
-import shutil
-import socket
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
-from qemu.qmp import ExecuteError
 from qemu.qmp.models import Greeting
 
-from ._config import ChannelFds, MachineConfig
+from ._channels import Channels
+from ._config import MachineConfig, check_paths
 from ._console import Console
 from ._errors import (
     AbnormalShutdown,
@@ -48,46 +54,70 @@ from ._errors import (
     QMPProtocolError,
     QMPTimeout,
 )
-from ._events import QMPEvent, Subscription
+from ._monitor import MonitorCommands
 from ._process import QemuProcess
 from ._qmp import QMPClient
 from ._shell import Shell
-from ._transport import Listener, socketpair_stream
-from ._util import only_cancelled
+from ._tempdirs import create_machine_dir, remove_machine_dir, remove_stale_dirs
+from ._transport import ExitAwareStream, Listener
+from ._util import EOF_GRACE, ShieldOnStart
 from .agent import GuestAgent
 
-__all__ = ["Machine", "open_machine", "open_machines", "start_machine"]
+__all__ = ["Machine", "MachineState"]
 
 log = logging.getLogger("trio_qemu.machine")
 
 _names = itertools.count(1)
 #: A hard stop's wait for the kernel to reap a SIGKILLed QEMU; it is quick, but bounded.
 _REAP_TIMEOUT = 10.0
-#: How long a channel's EOF waits for QEMU's exit status, so that waiters get MachineExited
-#: rather than a bare "closed" (a dying QEMU's EOF comes ~2 ms before it is reaped). Short,
-#: because when QEMU closed a channel and runs on, that error must still come at once.
-_EOF_GRACE = 0.25
+
+_ki_protected = trio.lowlevel.enable_ki_protection
 
 
-def _merge(config: MachineConfig | None, fields: Mapping[str, Any]) -> MachineConfig:
-    base = config if config is not None else MachineConfig()
-    return base.replace(**fields) if fields else base
+class MachineState(enum.Enum):
+    """Where a :class:`Machine` is in its life; it only moves forward.
 
-
-class Machine:
-    """One QEMU virtual machine. Get one from :func:`open_machine` or :func:`start_machine`.
-
-    Public state: :attr:`name`, :attr:`config`, :attr:`argv`, :attr:`pid`,
-    :attr:`returncode`, :attr:`temp_dir`, :attr:`log_dir`, :attr:`log`, :attr:`console`.
+    ``IDLE`` (made, not launched) -> ``LAUNCHING`` (QEMU spawned, QMP not yet ready) ->
+    ``RUNNING`` (in use; an unexpected exit is an error) -> ``STOPPING`` (the shutdown
+    sequence runs) -> ``STOPPED`` (QEMU gone or killed, channels closed, temp dir removed).
+    A failed launch goes from ``LAUNCHING`` to ``STOPPING`` as well.
     """
 
-    def __init__(self, config: MachineConfig) -> None:
+    IDLE = "idle"
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Machine(MonitorCommands):
+    """One QEMU virtual machine. Get one from :func:`~trio_qemu.open_machine` or
+    :func:`~trio_qemu.start_machine`.
+
+    Public state: :attr:`name`, :attr:`config`, :attr:`state`, :attr:`argv`, :attr:`pid`,
+    :attr:`returncode`, :attr:`temp_dir`, :attr:`log_dir`, :attr:`log`, :attr:`console`.
+
+    Args:
+        config: what to launch.
+        on_failure: called once QEMU died unexpectedly (or an internal task failed) and the
+            machine was torn down; without it that error is raised into the nursery.
+    """
+
+    def __init__(
+        self, config: MachineConfig, *, on_failure: Callable[[], None] | None = None
+    ) -> None:
+        #: the configuration it was launched with
         self.config = config
         #: the label used in logs and errors
         self.name = config.name or f"qemu-{os.getpid()}-{next(_names)}"
         # The name as a file name part (temp dir, log file): no path separators.
         self._file_name = self.name.replace(os.sep, "_").replace("\0", "_") or "qemu"
+        #: QEMU's full command line (empty before launch)
         self.argv: list[str] = []
+        self._state = MachineState.IDLE
+        #: why QEMU's exit is expected while running ("quit", "wait", ...), or None
+        self._expected_exit: str | None = None
+        self._on_failure = on_failure
         self._temp_dir: Path | None = None
         self._log_dir: Path | None = None
         self._process: QemuProcess | None = None
@@ -95,26 +125,37 @@ class Machine:
         self._console: Console | None = None
         self._shell: Shell | None = None
         self._agent: GuestAgent | None = None
-        #: where lazily started services (the agent's reader) run; set by _launch
+        #: where lazily started services (the agent's reader) run; set by launch()
         self._nursery: trio.Nursery | None = None
-        self._extra_streams: dict[str, trio.SocketStream] = {}
-        #: our ends of the monitor and console connections, closed at teardown
-        self._own_streams: list[trio.SocketStream] = []
+        self._channels = Channels(self.name)
+        #: a monitor connection accepted from a listener (monitor_address), closed at teardown
+        self._accepted: trio.SocketStream | None = None
         self._service_scopes: list[trio.CancelScope] = []
-        self._expect_exit = False
-        #: ``quit`` was sent through :meth:`qmp`/:meth:`cmd`: QEMU's exit is expected (as in
-        #: ``QEMUMachine``), even if it is reaped before the caller gets to :meth:`wait`
-        self._quit_issued = False
-        self._stopping = False
         self._exit_error: MachineExited | None = None
         self._internal_error: BaseException | None = None
         self._launch_scope: trio.CancelScope | None = None
-        self._on_death: Callable[[], None] | None = None
-        self._launched = False
-        self._teardown_started = False
-        self._torn_down = trio.Event()
+        self._released = trio.Event()
         self._console_drained = trio.Event()
         self._wake_supervisor = trio.Event()
+
+    @property
+    def state(self) -> MachineState:
+        """The lifecycle state (see :class:`MachineState`)."""
+        return self._state
+
+    def exit_expected(self) -> bool:
+        """Whether QEMU exiting now would be expected, rather than a :class:`MachineExited`.
+
+        The one place this is decided: expected unless the machine is ``RUNNING`` and
+        nobody announced the exit (``quit`` through :meth:`qmp`/:meth:`cmd`, :meth:`wait`, a
+        guest shutdown through the agent, or :meth:`expect_exit`).
+        """
+        return self._state is not MachineState.RUNNING or self._expected_exit is not None
+
+    def expect_exit(self, reason: str | None = "expected") -> None:
+        """Announce that QEMU is about to exit on purpose (``reason`` is for logs), so the
+        exit is not reported as :class:`~trio_qemu.MachineExited`; None withdraws it."""
+        self._expected_exit = reason
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -187,7 +228,7 @@ class Machine:
         if self._shell is None:
             stream = self.channel("shell")
             self._shell = Shell(stream, name=f"{self.name}.shell", on_eof=self._on_qmp_eof)
-            if self._torn_down.is_set() or self.failure is not None:
+            if self._state is MachineState.STOPPED or self.failure is not None:
                 self._shell.close(self.failure)
         return self._shell
 
@@ -205,7 +246,9 @@ class Machine:
                 on_shutdown=self._agent_shutdown,
             )
             self._agent = agent
-            if self._torn_down.is_set() or self.failure is not None or self._nursery is None:
+            if self._state is MachineState.STOPPED or self.failure is not None or (
+                self._nursery is None
+            ):
                 agent.fail(self.failure)
             else:
                 self._nursery.start_soon(self._service, agent.run)
@@ -215,135 +258,53 @@ class Machine:
         """``guest-shutdown`` is being sent: when it will end QEMU, that exit is expected
         (as after ``quit``), not reported as MachineExited."""
         if mode == "powerdown" or (mode == "reboot" and "-no-reboot" in self.argv):
-            self._quit_issued = True
+            self.expect_exit("guest-shutdown")
 
     def channel(self, name: str) -> trio.SocketStream:
         """Our end of the ``shell`` or ``agent`` socketpair channel."""
+        if name not in ("shell", "agent"):
+            raise ValueError(f"no such channel: {name!r} (the channels are shell and agent)")
         try:
-            return self._extra_streams[name]
+            return self._channels.ours[name]
         except KeyError:
             raise MachineError(
                 f"{self.name}: no {name} channel: launch it with {name}=True"
             ) from None
 
     def __repr__(self) -> str:
-        state = "running" if self.is_running() else f"exited {self.returncode}"
-        return f"<Machine {self.name} pid={self.pid} {state}>"
-
-    # -- QMP -----------------------------------------------------------------------------
-    async def qmp(
-        self, cmd: str, args: Mapping[str, object] | None = None, **kwargs: Any
-    ) -> dict[str, Any]:
-        """Run a QMP command; return the raw response (``{"return": ...}`` or
-        ``{"error": ...}``). Keyword arguments have ``_`` turned into ``-``; ``timeout=`` and
-        ``fds=`` are options of the call (see :meth:`QMPClient.qmp`). Sending ``quit`` this
-        way makes QEMU's exit expected: it is not reported as :class:`MachineExited`."""
-        client = self.qmp_client
-        if cmd == "quit":
-            self._quit_issued = True
-        return await client.qmp(cmd, args, **kwargs)
-
-    async def cmd(self, cmd: str, args: Mapping[str, object] | None = None, **kwargs: Any) -> Any:
-        """Run a QMP command and return its value; raises ``qemu.qmp.ExecuteError``.
-        ``quit`` makes QEMU's exit expected, as with :meth:`qmp`."""
-        client = self.qmp_client
-        if cmd == "quit":
-            self._quit_issued = True
-        return await client.cmd(cmd, args, **kwargs)
-
-    async def hmp(self, command_line: str, *, timeout: float | None = None) -> str:
-        """Run a human monitor command (``info registers``); return its text output.
-
-        HMP reports its own errors as text, not as QMP errors.
-        """
-        result = await self.qmp_client.cmd(
-            "human-monitor-command", {"command-line": command_line}, timeout=timeout
-        )
-        return str(result)
-
-    async def screenshot(
-        self, path: str | os.PathLike[str], *, timeout: float | None = None
-    ) -> Path:
-        """Save the display as a PNG at ``path`` (QMP ``screendump``); return the path.
-
-        Needs a display device: launch with ``display=True`` (or your own ``-device VGA``).
-        QEMU writes the file itself, so ``path`` must be writable by QEMU's user.
-        """
-        # QEMU resolves a relative path against its own cwd: give it ours (a string join).
-        target = Path(os.path.abspath(path))  # noqa: ASYNC240
-        try:
-            await self.qmp_client.cmd(
-                "screendump", {"filename": str(target), "format": "png"}, timeout=timeout
-            )
-        except ExecuteError as exc:
-            hint = ""
-            if "no console" in str(exc).lower():
-                hint = " (the machine has no display: launch it with display=True)"
-            raise MachineError(f"{self.name}: screendump failed: {exc}{hint}") from exc
-        return target
-
-    def subscribe(
-        self, *names: str, match: Mapping[str, object] | None = None, buffer: int | None = None
-    ) -> Subscription:
-        """A bounded stream of events named ``names`` (all when none) matching ``match``.
-
-        Subscribe first, then act: ``async with vm.subscribe("STOP") as events: ...``.
-        """
-        return self.qmp_client.subscribe(*names, match=match, buffer=buffer)
-
-    async def event_wait(
-        self, name: str, timeout: float | None = 60.0, match: Mapping[str, object] | None = None
-    ) -> QMPEvent:
-        """The first event ``name`` matching ``match``, including an unclaimed earlier one.
-
-        Raises :class:`~trio_qemu.QMPTimeout` after ``timeout`` s (None: no limit).
-        """
-        return await self.qmp_client.event_wait(name, timeout, match)
-
-    async def events_wait(
-        self,
-        events: Iterable[tuple[str, Mapping[str, object] | None]],
-        timeout: float | None = 60.0,
-    ) -> QMPEvent:
-        """The first event matching any of the ``(name, match)`` pairs."""
-        return await self.qmp_client.events_wait(events, timeout)
-
-    def get_events(self) -> list[QMPEvent]:
-        """Take the events that arrived and that nobody has claimed (oldest first)."""
-        return self.qmp_client.get_events()
-
-    def clear_events(self) -> None:
-        """Forget the unclaimed events."""
-        self.qmp_client.get_events()
-
-    async def send_fd_scm(self, fd: int) -> None:
-        """Pass ``fd`` to QEMU over the monitor socket (then name it with ``getfd``)."""
-        await self.qmp_client.send_fd_scm(fd)
+        return f"<Machine {self.name} pid={self.pid} {self._state.value} rc={self.returncode}>"
 
     # -- launch --------------------------------------------------------------------------
+    @_ki_protected
+    async def launch(self, nursery: trio.Nursery) -> None:
+        """Start QEMU with its service tasks in ``nursery``; return once QMP is negotiated.
+
+        The lower layer of :func:`~trio_qemu.start_machine` (which is this on a new
+        machine). A machine launches once. Raises :class:`~trio_qemu.LaunchError` when QEMU
+        cannot be started or its monitor is not ready in time; nothing is left behind then.
+        """
+        if self._state is not MachineState.IDLE:
+            raise MachineError(f"{self.name}: a machine launches once (it is {self._state.value})")
+        self._state = MachineState.LAUNCHING
+        try:
+            await self._launch(nursery)
+        except BaseException:
+            # Whatever failed (or a Ctrl-C at a checkpoint): nothing may be left behind.
+            await self._teardown(hard=True)
+            raise
+        self._state = MachineState.RUNNING
+
     async def _launch(self, nursery: trio.Nursery) -> None:
         config = self.config
         self._nursery = nursery
-        try:
-            self._temp_dir = Path(
-                tempfile.mkdtemp(prefix=f"trio-qemu-{self._file_name}-", dir=config.base_temp_dir)
-            )
-        except OSError as exc:
-            raise LaunchError(
-                f"cannot create the machine's temporary directory: {exc}", name=self.name
-            ) from exc
-        self._log_dir = Path(config.log_dir) if config.log_dir is not None else self._temp_dir
-        theirs: list[socket.socket] = []
+        check_paths(config, name=self.name)  # log_dir, console_log: before anything is made
+        self._make_temp_dir()
+        self._log_dir = Path(config.log_dir) if config.log_dir is not None else self.temp_dir
+        channels = self._channels
         listener: Listener | None = None
         try:
-            fds: dict[str, int] = {}
-            monitor_stream: trio.SocketStream | None = None
-            console_stream: trio.SocketStream | None = None
             if config.qmp and config.monitor_address is None:
-                monitor_stream, peer = socketpair_stream()
-                self._own_streams.append(monitor_stream)
-                theirs.append(peer)
-                fds["monitor"] = peer.fileno()
+                channels.open("monitor")
             elif config.qmp:
                 assert config.monitor_address is not None
                 try:
@@ -353,25 +314,17 @@ class Machine:
                         f"cannot listen at monitor_address {config.monitor_address!r}: {exc}",
                         name=self.name,
                     ) from exc
-            if config.console:
-                console_stream, peer = socketpair_stream()
-                self._own_streams.append(console_stream)
-                theirs.append(peer)
-                fds["console"] = peer.fileno()
-            for channel in ("shell", "agent"):
+            for channel in ("console", "shell", "agent"):
                 if getattr(config, channel):
-                    stream, peer = socketpair_stream()
-                    self._extra_streams[channel] = stream
-                    theirs.append(peer)
-                    fds[channel] = peer.fileno()
+                    channels.open(channel)
             # With a listener, QEMU must be told the address really bound (a port 0 is chosen).
             argv_config = config if listener is None else config.replace(
                 monitor_address=listener.address
             )
-            self.argv = argv_config.argv(ChannelFds(**fds))
+            self.argv = argv_config.argv(channels.fds())
             self._process = QemuProcess(
                 self.argv,
-                pass_fds=[*(s.fileno() for s in theirs), *config.pass_fds()],
+                pass_fds=[*channels.pass_fds(), *config.pass_fds()],
                 log_path=self._log_dir / f"{self._file_name}.log",
                 on_exit=self._process_exited,
             )
@@ -383,31 +336,39 @@ class Machine:
                     f"cannot start QEMU: {exc.strerror or exc}", argv=self.argv, name=self.name
                 ) from exc
             finally:
-                for peer in theirs:
-                    peer.close()
+                channels.close_theirs()
             if config.console:
-                assert console_stream is not None
                 self._console = Console(
                     name=f"{self.name}.console",
                     buffer_size=config.console_buffer,
                     log_path=config.console_log,
                 )
-                await nursery.start(
-                    self._service,
-                    self._run_console,
-                    _ExitAwareStream(console_stream, self._process),
-                )
+                stream = ExitAwareStream(channels.ours["console"], self._process.wait, EOF_GRACE)
+                await nursery.start(self._service, self._run_console, stream)
             if config.qmp:
-                await self._connect_qmp(nursery, monitor_stream, listener)
+                await self._connect_qmp(nursery, channels.ours.get("monitor"), listener)
             nursery.start_soon(self._supervise)
-            self._launched = True
-        except BaseException as exc:
+        finally:
             if listener is not None:
                 listener.close()
-            for peer in theirs:  # if we failed before QEMU was spawned
-                peer.close()
-            await self._teardown(hard=True, reason=exc)
-            raise
+            channels.close_theirs()  # if we failed before QEMU was spawned
+
+    @_ki_protected
+    def _make_temp_dir(self) -> None:
+        """Create the private temp dir (its owner recorded) and remove dead controllers'."""
+        base = self.config.base_temp_dir
+        try:
+            remove_stale_dirs(base)
+        except OSError as exc:  # never a reason not to launch
+            log.debug("removing stale temp dirs: %r", exc)
+        try:
+            self._temp_dir = create_machine_dir(self._file_name, base)
+        except OSError as exc:
+            raise LaunchError(
+                f"cannot create the machine's temporary directory in base_temp_dir="
+                f"{str(base) if base is not None else '(the default)'}: {exc}",
+                name=self.name,
+            ) from exc
 
     async def _connect_qmp(
         self,
@@ -426,7 +387,7 @@ class Machine:
             try:
                 if listener is not None:
                     stream = await listener.accept(timeout=config.launch_timeout)
-                    self._own_streams.append(stream)
+                    self._accepted = stream
                 assert stream is not None
                 self._qmp = QMPClient(
                     stream,
@@ -454,7 +415,7 @@ class Machine:
             )
         elif failure is not None or self._process.exited.is_set():
             # The monitor closed: give QEMU a moment to exit so we can report its status.
-            await self._process.wait(_EOF_GRACE)
+            await self._process.wait(EOF_GRACE)
             if self._process.exited.is_set():
                 failure = "QEMU exited before its monitor was ready"
             elif failure is None:  # pragma: no cover - exited flag implies failure
@@ -486,8 +447,9 @@ class Machine:
     async def _on_qmp_eof(self) -> None:
         """QEMU closed its monitor: usually it is exiting, so wait briefly for its status."""
         if self._process is not None:
-            await self._process.wait(_EOF_GRACE)
+            await self._process.wait(EOF_GRACE)
 
+    @_ki_protected
     async def _service(
         self,
         fn: Callable[..., Awaitable[None]],
@@ -505,9 +467,9 @@ class Machine:
         an internal failure that stops the machine with a clear error.
         """
         with trio.CancelScope() as scope:
-            status = _Status(task_status, scope)
+            status = ShieldOnStart(task_status, scope)
             self._service_scopes.append(scope)
-            if self._torn_down.is_set():
+            if self._released.is_set():
                 scope.cancel()
             try:
                 await fn(*args, task_status=status)
@@ -518,11 +480,12 @@ class Machine:
                 self._fail_internal(exc)
 
     # -- supervision -----------------------------------------------------------------------
+    @_ki_protected
     def _process_exited(self, process: QemuProcess) -> None:
         """Called as soon as QEMU is reaped, from the process task."""
         if self._launch_scope is not None:
             self._launch_scope.cancel()
-        if self._stopping or self._expect_exit or self._quit_issued or not self._launched:
+        if self.exit_expected():
             return
         error = MachineExited(self.name, process.returncode, process.log_tail(4096))
         log.warning("%s", error)
@@ -531,7 +494,7 @@ class Machine:
         self._wake_supervisor.set()
 
     def _fail_internal(self, exc: BaseException) -> None:
-        if self._internal_error is None and not self._stopping:
+        if self._internal_error is None and self._state is MachineState.RUNNING:
             error = MachineError(f"{self.name}: internal failure: {exc!r}")
             error.__cause__ = exc
             self._internal_error = error
@@ -548,20 +511,21 @@ class Machine:
         if self._agent is not None:
             self._agent.fail(error)
 
+    @_ki_protected
     async def _supervise(self) -> None:
-        """Turns QEMU's unexpected death into teardown plus cancellation of the user's body,
-        and an outer cancel into a full shutdown."""
+        """Turns QEMU's unexpected death into teardown plus ``on_failure`` (or the error in
+        the nursery), and an outer cancel into a full shutdown."""
         try:
             await self._wake_supervisor.wait()
         except trio.Cancelled:
-            await self._teardown(hard=False, reason=None)
+            await self._teardown(hard=False)
             raise
-        failure = self._exit_error or self._internal_error
+        failure = self.failure
         if failure is None:
             return  # a normal teardown woke us
-        await self._teardown(hard=True, reason=failure)
-        if self._on_death is not None:
-            self._on_death()
+        await self._teardown(hard=True)
+        if self._on_failure is not None:
+            self._on_failure()
         else:
             raise failure
 
@@ -576,11 +540,14 @@ class Machine:
 
         Graceful: ``quit`` over QMP (SIGTERM without QMP), then up to ``timeout`` s
         (default ``shutdown_timeout``) for QEMU to exit; after that, or with ``hard=True``,
-        SIGKILL. Raises :class:`~trio_qemu.AbnormalShutdown` when a graceful stop was asked
-        for and QEMU had to be killed. The whole sequence is shielded from cancellation and
-        bounded by its timeouts.
+        SIGKILL. The whole sequence is shielded from cancellation and bounded by its
+        timeouts; a ``KeyboardInterrupt`` during it turns it into a hard stop, completes the
+        clean-up, and is then re-raised.
+
+        Raises:
+            AbnormalShutdown: a graceful stop was asked for and QEMU had to be killed.
         """
-        graceful_failed = await self._teardown(hard=hard, reason=None, timeout=timeout)
+        graceful_failed = await self._teardown(hard=hard, timeout=timeout)
         if graceful_failed is not None:
             raise AbnormalShutdown(
                 f"{self.name}: graceful shutdown failed ({graceful_failed}); QEMU was killed"
@@ -589,7 +556,7 @@ class Machine:
 
     async def kill(self) -> None:
         """SIGKILL QEMU now and clean up."""
-        await self._teardown(hard=True, reason=None)
+        await self._teardown(hard=True)
 
     async def wait_exited(self, timeout: float | None = 30.0) -> bool:
         """Wait up to ``timeout`` s (None: no limit) for QEMU to exit, for whatever reason;
@@ -602,49 +569,56 @@ class Machine:
     async def wait(self, timeout: float | None = 30.0) -> int | None:
         """Wait for QEMU to exit on its own (e.g. the guest powered off), then clean up.
 
-        Returns the exit status. Raises :class:`~trio_qemu.MachineTimeout` if QEMU still
-        runs after ``timeout`` s (None: no limit); QEMU is left running then.
+        Returns the exit status. QEMU's exit is expected while this waits.
+
+        Raises:
+            MachineTimeout: QEMU still runs after ``timeout`` s (None: no limit); it is left
+                running then.
         """
-        assert self._process is not None
-        self._expect_exit = True
+        process = self._process
+        if process is None:
+            raise MachineError(f"{self.name}: not launched yet")
+        previous = self._expected_exit
+        self._expected_exit = "wait"
         try:
-            if not await self._process.wait(math.inf if timeout is None else timeout):
+            if not await process.wait(math.inf if timeout is None else timeout):
                 raise MachineTimeout(f"{self.name}: QEMU still runs after {timeout} s")
         finally:
-            self._expect_exit = self._process.exited.is_set()
-        await self._teardown(hard=True, reason=None)
+            if not process.exited.is_set():
+                self._expected_exit = previous
+        await self._teardown(hard=True)
         return self.returncode
 
-    async def _teardown(
-        self, *, hard: bool, reason: BaseException | None, timeout: float | None = None
-    ) -> str | None:
-        """The one shutdown sequence (see the module docstring). Concurrent callers wait for
-        the first. Returns why a graceful stop failed, or None."""
-        if self._teardown_started:
+    @_ki_protected
+    async def _teardown(self, *, hard: bool, timeout: float | None = None) -> str | None:
+        """The one shutdown sequence (see the module docstring); concurrent callers wait for
+        the first. Returns why a graceful stop failed, or None.
+
+        Whatever happens at its awaits (a Ctrl-C, an error), :meth:`_release` runs."""
+        if self._state in (MachineState.STOPPING, MachineState.STOPPED):
             with trio.CancelScope(shield=True):
-                await self._torn_down.wait()
+                await self._released.wait()
             return None
-        self._teardown_started = True
-        self._stopping = True
-        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        self._state = MachineState.STOPPING
         graceful_failed: str | None = None
-        with trio.CancelScope(shield=True):
-            try:
+        try:
+            with trio.CancelScope(shield=True):
+                timeout = self.config.shutdown_timeout if timeout is None else timeout
                 graceful_failed = await self._stop_process(hard, timeout)
                 if self._console is not None and self.exited:
                     # QEMU is gone: what it printed last is still in the socket. Read it
                     # to the end (EOF comes at once) before the drain is cancelled.
-                    with trio.move_on_after(_EOF_GRACE):
+                    with trio.move_on_after(EOF_GRACE):
                         await self._console_drained.wait()
-            finally:
-                self._cleanup()
-        if reason is None and graceful_failed:
+        finally:
+            self._release()
+        if graceful_failed and self.failure is None:
             log.warning("%s: %s", self.name, graceful_failed)
         return graceful_failed
 
     async def _stop_process(self, hard: bool, timeout: float) -> str | None:
         process = self._process
-        if process is None or process.process is None or process.exited.is_set():
+        if process is None or not process.is_running():
             return None
         graceful_failed: str | None = None
         if not hard:
@@ -668,193 +642,51 @@ class Machine:
                 log.error("%s: pid %s not reaped after SIGKILL", self.name, process.pid)
         return graceful_failed
 
-    def _cleanup(self) -> None:
-        """Close channels, end the services, remove the temp dir. Synchronous, no waits."""
+    @_ki_protected
+    def _release(self) -> None:
+        """Kill QEMU if it still runs, close channels, end the services, remove the temp dir.
+
+        Synchronous, idempotent, protected from ``KeyboardInterrupt``; every step runs even
+        if an earlier one raised (the first error is re-raised at the end), and the machine
+        always ends ``STOPPED`` with every waiter released.
+        """
+        if self._released.is_set():
+            return
+        self._state = MachineState.STOPPED
         closed = QMPConnectionClosed(f"{self.name}: the machine is shut down")
-        if self._qmp is not None:
-            self._qmp.fail(self._exit_error or closed)
-        if self._console is not None:  # an orderly end lets line iterators finish cleanly
-            self._console.close(self._exit_error)
-        if self._shell is not None:
-            self._shell.close(self._exit_error or closed)
-        if self._agent is not None:
-            self._agent.fail(self._exit_error or closed)
-        for stream in [*self._own_streams, *self._extra_streams.values()]:
-            stream.socket.close()
+        steps: list[Callable[[], object]] = []
         if self._process is not None:
-            self._process.save_tail()
-        for scope in self._service_scopes:
-            scope.cancel()
+            steps += [self._process.kill, self._process.save_tail]
+        if self._qmp is not None:
+            qmp = self._qmp
+            steps.append(lambda: qmp.fail(self._exit_error or closed))
+        if self._console is not None:  # an orderly end lets line iterators finish cleanly
+            console = self._console
+            steps.append(lambda: console.close(self._exit_error))
+        if self._shell is not None:
+            shell = self._shell
+            steps.append(lambda: shell.close(self._exit_error or closed))
+        if self._agent is not None:
+            agent = self._agent
+            steps.append(lambda: agent.fail(self._exit_error or closed))
+        steps.append(self._channels.close)
+        if self._accepted is not None:
+            steps.append(self._accepted.socket.close)
+        steps += [scope.cancel for scope in self._service_scopes]
         if self._temp_dir is not None:
-            shutil.rmtree(self._temp_dir, ignore_errors=True)
-        self._torn_down.set()
-        self._wake_supervisor.set()
-
-
-class _ExitAwareStream(trio.abc.Stream):
-    """Our end of the console as the console drain sees it.
-
-    When QEMU dies, its console reaches end of file (or breaks) a moment before QEMU is
-    reaped. This reports that end only once QEMU's exit is known (waiting at most
-    ``_EOF_GRACE`` s), so that console waiters fail with :class:`MachineExited` rather than
-    a bare "the console ended", as the QMP reader's ``on_eof`` does for QMP.
-    """
-
-    def __init__(self, stream: trio.SocketStream, process: QemuProcess) -> None:
-        self._stream = stream
-        self._process = process
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+            temp_dir = self._temp_dir
+            steps.append(lambda: remove_machine_dir(temp_dir))
+        first_error: BaseException | None = None
         try:
-            data = await self._stream.receive_some(max_bytes)
-        except trio.BrokenResourceError:
-            await self._process.wait(_EOF_GRACE)
-            raise
-        if not data:
-            await self._process.wait(_EOF_GRACE)
-        return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
-class _Status:
-    """A task status that remembers ``started()`` and then shields the service's scope.
-
-    Trio moves a started task into the target nursery, unless the ``start`` call was
-    cancelled meanwhile (then the task stays behind and must remain cancellable).
-    """
-
-    def __init__(self, inner: trio.TaskStatus[Any], scope: trio.CancelScope) -> None:
-        self._inner = inner
-        self._scope = scope
-        self._origin = trio.lowlevel.current_task().parent_nursery
-        self.started_called = False
-
-    def started(self, value: Any = None) -> None:
-        self.started_called = True
-        self._inner.started(value)
-        moved = trio.lowlevel.current_task().parent_nursery is not self._origin
-        if moved or self._inner is trio.TASK_STATUS_IGNORED:
-            self._scope.shield = True
-
-
-async def start_machine(nursery: trio.Nursery, config: MachineConfig | None = None, /,
-                        **fields: Any) -> Machine:
-    """Launch a machine whose tasks live in ``nursery``; return once QMP is negotiated.
-
-    The machine runs until :meth:`Machine.shutdown` or until the nursery is cancelled (then
-    it is shut down gracefully, shielded and bounded). If QEMU dies unexpectedly,
-    :class:`~trio_qemu.MachineExited` is raised into the nursery. Raises
-    :class:`~trio_qemu.LaunchError` when QEMU cannot be started.
-    """
-    machine = Machine(_merge(config, fields))
-    await machine._launch(nursery)
-    return machine
-
-
-@asynccontextmanager
-async def open_machine(
-    config: MachineConfig | None = None, /, **fields: Any
-) -> AsyncIterator[Machine]:
-    """Launch a machine for the block; leaving the block for any reason shuts it down.
-
-    ``fields`` override ``config`` (``open_machine(machine="none")`` needs no config).
-    On return QEMU has exited and been reaped, and its temporary files are gone. Raises
-    :class:`~trio_qemu.LaunchError` if the launch fails,
-    :class:`~trio_qemu.MachineExited` if QEMU dies while the block runs (the block is
-    cancelled at once), :class:`~trio_qemu.AbnormalShutdown` if the final graceful stop
-    failed. An exception from the block itself always wins over a teardown problem.
-    """
-    machine = Machine(_merge(config, fields))
-    launch_error: BaseException | None = None
-    body_error: BaseException | None = None
-    graceful_failed: str | None = None
-    body_scope = trio.CancelScope()
-    machine._on_death = body_scope.cancel
-    async with trio.open_nursery() as nursery:
-        try:
-            await machine._launch(nursery)
-        except BaseException as exc:  # raised below, outside the nursery: no group
-            launch_error = exc
-        else:
-            with body_scope:
+            for step in steps:
                 try:
-                    yield machine
+                    step()
                 except BaseException as exc:
-                    body_error = exc
-            graceful_failed = await machine._teardown(hard=False, reason=body_error)
-    if launch_error is not None:
-        raise launch_error
-    failure = machine.failure
-    if body_error is not None:
-        if failure is not None and only_cancelled(body_error):
-            raise failure from None
-        raise body_error
-    if failure is not None:
-        raise failure
-    if graceful_failed is not None:
-        raise AbnormalShutdown(
-            f"{machine.name}: graceful shutdown failed ({graceful_failed}); QEMU was killed"
-        )
+                    log.warning("%s: clean-up step %r failed: %r", self.name, step, exc)
+                    first_error = first_error or exc
+        finally:
+            self._released.set()
+            self._wake_supervisor.set()
+        if first_error is not None:
+            raise first_error
 
-
-@asynccontextmanager
-async def open_machines(*configs: MachineConfig) -> AsyncIterator[list[Machine]]:
-    """Launch several machines concurrently; tear them all down concurrently on exit.
-
-    If one launch fails the others are cancelled (and cleaned up) and its
-    :class:`~trio_qemu.LaunchError`, which names the machine, is raised.
-    """
-    machines: list[Machine | None] = [None] * len(configs)
-    errors: list[BaseException] = []
-    body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-
-        async def launch(index: int, config: MachineConfig) -> None:
-            machine = Machine(config)
-            try:
-                await machine._launch(nursery)
-            except trio.Cancelled:
-                raise
-            except BaseException as exc:
-                errors.append(exc)
-                launch_scope.cancel()
-                return
-            machines[index] = machine
-
-        with trio.CancelScope() as launch_scope:
-            async with trio.open_nursery() as launchers:
-                for index, config in enumerate(configs):
-                    launchers.start_soon(launch, index, config)
-        started = [m for m in machines if m is not None]
-        if not errors:
-            with trio.CancelScope() as body_scope:
-                for machine in started:
-                    machine._on_death = body_scope.cancel
-                try:
-                    yield started
-                except BaseException as exc:
-                    body_error = exc
-        async with trio.open_nursery() as stoppers:
-            for machine in started:
-                stoppers.start_soon(_stop_quietly, machine, body_error)
-    failures = [m.failure for m in started if m.failure is not None]
-    if errors:
-        raise errors[0]
-    if body_error is not None:
-        if failures and only_cancelled(body_error):
-            raise failures[0] from None
-        raise body_error
-    if failures:
-        raise failures[0]
-
-
-async def _stop_quietly(machine: Machine, reason: BaseException | None) -> None:
-    await machine._teardown(hard=False, reason=reason)

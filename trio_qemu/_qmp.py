@@ -42,7 +42,7 @@ from ._errors import (
 )
 from ._events import EventHub, QMPEvent, Subscription
 from ._transport import Address, Listener, connect, read_fd
-from ._util import only_cancelled
+from ._util import LineSplitter, only_cancelled
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "QMPClient", "open_qmp"]
 
@@ -59,7 +59,7 @@ def _convert_keys(kwargs: Mapping[str, object]) -> dict[str, object]:
 
 
 class _LineReader:
-    """Splits a byte stream into newline-terminated messages, with a size limit."""
+    """Reads newline-terminated messages from a stream, with a size limit."""
 
     def __init__(self, stream: trio.abc.ReceiveStream, max_size: int) -> None:
         self._stream = stream
@@ -68,11 +68,14 @@ class _LineReader:
         # round trip is mostly such wake-ups.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._max = max_size
-        self._buf = bytearray()
-        self._lines: deque[bytes] = deque()
+        self._splitter = LineSplitter(max_size, self._too_large, skip_blank=True)
+        self._lines = self._splitter.lines
         #: set by the owner when it just woke a caller: yield first so the caller runs
         #: (and sends its next command) before we poll the socket again
         self.yield_first = False
+
+    def _too_large(self, head: bytes) -> None:
+        raise QMPBadMessage(f"message larger than the limit of {self._max} bytes", head)
 
     async def _receive(self) -> bytes | bytearray:
         if self._fd is None:
@@ -85,44 +88,25 @@ class _LineReader:
         while not self._lines:
             data = await self._receive()
             if not data:
-                if self._buf.strip():
-                    raise QMPBadMessage("EOF in the middle of a message", bytes(self._buf[:200]))
+                pending = self._splitter.pending
+                if pending.strip():
+                    raise QMPBadMessage("EOF in the middle of a message", pending[:200])
                 return None
-            self._split(data)
+            self._splitter.feed(data)
         return self._lines.popleft()
-
-    def _split(self, data: bytes | bytearray) -> None:
-        buf = self._buf
-        scan = len(buf)
-        buf += data
-        start = 0
-        while (nl := buf.find(b"\n", scan)) >= 0:
-            if nl - start > self._max:
-                raise QMPBadMessage(
-                    f"message larger than the limit of {self._max} bytes",
-                    bytes(buf[start : start + 200]),
-                )
-            line = bytes(buf[start:nl])
-            if line.strip():
-                self._lines.append(line)
-            start = scan = nl + 1
-        if start:
-            del buf[:start]
-        if len(buf) > self._max:
-            raise QMPBadMessage(
-                f"message larger than the limit of {self._max} bytes", bytes(buf[:200])
-            )
 
 
 class _Pending:
     """One command waiting for its reply."""
 
-    __slots__ = ("done", "error", "reply")
+    __slots__ = ("done", "error", "reply", "sent")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.reply: dict[str, Any] | None = None
         self.error: BaseException | None = None
+        #: set just before the first byte may go out: a reply may come from then on
+        self.sent = False
 
 
 class QMPClient:
@@ -166,6 +150,7 @@ class QMPClient:
         self._ids = itertools.count(1)
         self._pending: dict[object, _Pending] = {}
         self._abandoned: set[object] = set()
+        self._on_eof: Callable[[], Awaitable[None]] | None = None
         self._transcript: deque[tuple[str, bytes]] = deque(maxlen=transcript)
         self._error: BaseException | None = None
         self._closed = False
@@ -300,9 +285,11 @@ class QMPClient:
 
         It never raises for a bad peer: the error is kept in :attr:`error` and raised to
         every pending call and wait instead. Cancel it (or ``close()``) to stop it.
-        ``on_eof`` runs at EOF before pending calls are failed, so an owner can fail them
-        with a better reason first (a machine waits to learn QEMU's exit status).
+        ``on_eof`` runs at EOF (and when a send finds the peer gone) before pending calls
+        are failed, so an owner can fail them with a better reason first (a machine waits to
+        learn QEMU's exit status).
         """
+        self._on_eof = on_eof
         task_status.started()
         reader = self._reader
         try:
@@ -358,7 +345,9 @@ class QMPClient:
         self._reader.yield_first = True
 
     # -- writing -------------------------------------------------------------------------
-    async def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+    async def _send(
+        self, data: bytes, fds: Sequence[int] = (), slot: _Pending | None = None
+    ) -> None:
         """Send one whole message. Shielded so a cancel can't leave half a message on the wire;
         bounded by the client timeout and by the caller's deadlines (a call's ``timeout``),
         after either of which the connection is failed.
@@ -372,22 +361,33 @@ class QMPClient:
         if self._fd is not None and not fds and not self._send_lock.locked():
             self._send_lock.acquire_nowait()
             try:
+                if slot is not None:
+                    slot.sent = True
                 try:
                     sent = os.write(self._fd, data)
                 except BlockingIOError:
                     sent = 0
                 except OSError as exc:
-                    closed = QMPConnectionClosed(f"{self.name}: cannot send: {exc!r}")
-                    self.fail(closed)
-                    raise closed from exc
+                    raise await self._send_failed(exc) from exc
                 if sent < len(data):
                     await self._send_shielded(data[sent:], ())
             finally:
                 self._send_lock.release()
         else:
             async with self._send_lock:
+                if slot is not None:
+                    slot.sent = True
                 await self._send_shielded(data, fds)
         self._record("->", data)
+
+    async def _send_failed(self, exc: BaseException) -> BaseException:
+        """The peer is gone (EPIPE...): let the owner learn why first (``on_eof``: a dying
+        QEMU is reaped a moment later), then fail the connection; return the error to raise."""
+        if not self._closed and self._on_eof is not None:
+            with trio.CancelScope(shield=True):
+                await self._on_eof()
+        self.fail(QMPConnectionClosed(f"{self.name}: cannot send: {exc!r}"))
+        return self._closed_error("cannot send")
 
     async def _send_shielded(self, data: bytes, fds: Sequence[int]) -> None:
         deadline = min(trio.current_time() + self.timeout, trio.current_effective_deadline())
@@ -398,9 +398,7 @@ class QMPClient:
                 else:
                     await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                closed = QMPConnectionClosed(f"{self.name}: cannot send: {exc!r}")
-                self.fail(closed)
-                raise closed from exc
+                raise await self._send_failed(exc) from exc
         if scope.cancelled_caught:
             stalled = QMPTimeout(f"{self.name}: the peer stopped reading (send stalled)")
             self.fail(stalled)
@@ -454,6 +452,9 @@ class QMPClient:
         request["id"] = msg_id
         return await self._call(msg_id, bytes(Message(request)), cmd, timeout, fds)
 
+    # Protected from KeyboardInterrupt so that a Ctrl-C lands only at its awaits, never between
+    # a write and the bookkeeping that lets the reader recognise the late reply.
+    @trio.lowlevel.enable_ki_protection
     async def _call(
         self, msg_id: int, data: bytes, cmd: str, timeout: float | None, fds: Sequence[int]
     ) -> dict[str, Any]:
@@ -462,15 +463,17 @@ class QMPClient:
             raise self._closed_error(f"cannot run {cmd}")
         timeout = self.timeout if timeout is None else timeout
         slot = _Pending()
-        sent = False
         with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
             try:
                 self._pending[msg_id] = slot
-                await self._send(data, fds)
-                sent = True
+                await self._send(data, fds, slot)
                 await slot.done.wait()
             finally:
-                if not slot.done.is_set() and self._pending.pop(msg_id, None) is not None and sent:
+                if (
+                    not slot.done.is_set()
+                    and self._pending.pop(msg_id, None) is not None
+                    and slot.sent
+                ):
                     self._abandoned.add(msg_id)
         if slot.error is not None or (slot.reply is None and self._closed):
             raise self._closed_error(f"no reply to {cmd}")

@@ -6,9 +6,10 @@ NixOS test driver keeps its backdoor shell apart from the log console. So the co
 clean record of what the guest printed, and nothing a command prints can be mistaken for the
 protocol.
 
-The guest side is :data:`GUEST_AGENT_SCRIPT`, a busybox ``sh`` loop the tiny guest's
-``/init`` starts. The protocol is line based; every request and reply carries an id, and
-anything that does not parse is ignored, so junk or a request cut short cannot derail it::
+The guest side is the shell agent, :data:`SHELL_AGENT_SCRIPT`, a busybox ``sh`` loop the
+tiny guest's ``/init`` starts. The protocol is line based; every request and reply carries an
+id, and anything that does not parse is ignored, so junk or a request cut short cannot derail
+it::
 
     host -> guest
       P <id> <id>                                   ping
@@ -35,167 +36,72 @@ it leads its session, so a kill that comes before the process group exists is no
 On the host, a result whose id is not the one awaited (a command that was killed after a
 timeout) is skipped whole. A run cancelled after its request was sent asks for the kill, and
 the next call first reads that run's result to its end (bounded by ``kill_timeout``), so
-nothing of it is pending when the next request goes out.
+nothing of it is pending when the next request goes out. The reader looks for control lines
+only: a ``#`` (which base64 never holds) starts one, and the text between them, a result's
+base64, is decoded as it comes into one buffer per stream (so a line a dying writer left
+unfinished never swallows the next agent's first line).
+
+A dead agent shows in two ways. QEMU reports the guest closing its end of the port (the
+``VSERPORT_CHANGE`` event, for a port device with an id); the owning machine passes that on
+(:meth:`Shell.watch_port`), and runs fail at once until the port opens again. And a timed-out
+run sends a ping along with its kill: an agent that answers neither is reported as such,
+never as a command killed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import importlib.resources
+import io
 import itertools
 import logging
 import secrets
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Protocol
 
 import trio
 
-from ._errors import GuestCommandError, ShellError, ShellTimeout, copy_error
+from ._errors import (
+    EventsDropped,
+    GuestCommandError,
+    MachineError,
+    ShellError,
+    ShellTimeout,
+    copy_error,
+)
+from ._util import LineSplitter
 
-__all__ = ["GUEST_AGENT_PATH", "GUEST_AGENT_SCRIPT", "GuestResult", "Shell"]
+__all__ = ["SHELL_AGENT_PATH", "SHELL_AGENT_SCRIPT", "GuestResult", "Shell"]
 
 log = logging.getLogger("trio_qemu.shell")
 
-GUEST_AGENT_PATH: Final = "/bin/trio-shell-agent"
-"""Where the tiny guest's initramfs holds :data:`GUEST_AGENT_SCRIPT`."""
+SHELL_AGENT_PATH: Final = "/bin/trio-shell-agent"
+"""Where the tiny guest's initramfs holds :data:`SHELL_AGENT_SCRIPT`."""
 
-GUEST_AGENT_SCRIPT: Final = r"""#!/bin/sh
-# trio-qemu guest shell agent (see trio_qemu/_shell.py for the protocol).
-# Usage: trio-shell-agent /dev/virtio-ports/org.trio-qemu.shell
-port=${1:?usage: trio-shell-agent PORT}
-work=/run/trio-shell
-mkdir -p "$work" /dev/virtio-ports
-
-link_ports() {
-    for p in /sys/class/virtio-ports/*; do
-        [ -r "$p/name" ] || continue
-        n=
-        read -r n <"$p/name" 2>/dev/null
-        [ -n "$n" ] && [ ! -e "/dev/virtio-ports/$n" ] && ln -s "../${p##*/}" "/dev/virtio-ports/$n"
-    done
-}
-
-# No virtio-serial device at all: nothing to serve.
-for d in /sys/bus/virtio/drivers/virtio_console/virtio* ''; do [ -e "$d" ] && break; done
-[ -n "$d" ] || exit 0
-
-# virtio_console learns port names from QEMU asynchronously, and the kernel offers nothing a
-# shell can block on for it: look again every 20 ms, for at most 20 s.
-i=0
-until [ -e "$port" ]; do
-    link_ports
-    [ -e "$port" ] && break
-    i=$((i + 1))
-    [ "$i" -le 1000 ] || exit 1
-    usleep 20000
-done
-
-# worker ID MAX DIR: run DIR/cmd, then queue its result for the writer.
-# The command leads a session (and process group) of its own, and looks at the kill flag only
-# once it does: a kill request that came before that is seen there, and one that comes after
-# finds the process group (from the K handler, or from here once the pid is recorded).
-worker() {
-    id=$1 max=$2 d=$3
-    cmd=$(base64 -d "$d/cmd")
-    in=/dev/null
-    [ -e "$d/in" ] && in=$d/in
-    setsid sh -c '[ -e "$1" ] && exit 137; exec sh -c "$2"' sh "$d/kill" "$cmd" \
-        <"$in" >"$d/out" 2>"$d/err" 3>&- 4>&- &
-    pid=$!
-    echo "$pid" >"$d/pid"
-    [ -e "$d/kill" ] && kill -KILL -- "-$pid" 2>/dev/null
-    wait "$pid"
-    printf 'R %s %s %s\n' "$id" "$?" "$max" >&4
-}
-
-# writer: the only one who writes to the host once started, one reply at a time, so the
-# results of commands that end close together never interleave on the channel. It takes
-# "R ID RC MAX" (a worker's command ended) and "P ID" (a ping) lines from the queue.
-writer() {
-    while read -r what id rc max; do
-        case "$what" in
-        P)
-            printf '#P %s\n' "$id"
-            ;;
-        R)
-            d=$work/$id
-            set -- $(stat -c %s "$d/out" "$d/err" 2>/dev/null) 0 0
-            if [ $(($1 + $2)) -gt "$max" ]; then
-                printf '#X %s %s %s %s\n' "$id" "$rc" "$1" "$2"
-            else
-                printf '#B %s %s %s %s\n' "$id" "$rc" "$1" "$2"
-                [ "$1" = 0 ] || base64 "$d/out"
-                printf '#M %s\n' "$id"
-                [ "$2" = 0 ] || base64 "$d/err"
-                printf '#E %s %s\n' "$id" "$rc"
-            fi
-            # Renamed first: a kill request can no longer add a file to it (see K).
-            mv "$d" "$d.sent" && rm -rf "$d.sent"
-            ;;
-        esac
-    done
-}
-
-exec 3<>"$port" || exit 1
-cd /
-# The queue: a FIFO held open for reading and writing (so it never ends), then unlinked.
-queue=$work/queue.$$
-rm -f "$queue"
-mkfifo "$queue" && exec 4<>"$queue" || exit 1
-rm -f "$queue"
-printf '#R %s\n' "$$" >&3
-set -f
-writer <&4 >&3 &
-while :; do
-    line=
-    if ! IFS= read -r line <&3 && [ -z "$line" ]; then
-        sleep 1  # end of file: nobody on the host side; look again later
-        continue
-    fi
-    set -- $line
-    case "$1" in
-    P)
-        [ "$#" = 3 ] && [ "$2" = "$3" ] && printf 'P %s\n' "$2" >&4
-        ;;
-    R)
-        [ "$#" = 6 ] && [ "$2" = "$6" ] || continue
-        case "$2" in *[!0-9a-z-]*) continue ;; esac
-        case "$3$4" in *[!0-9]*) continue ;; esac
-        d=$work/$2
-        mkdir "$d" 2>/dev/null || continue
-        if [ "$4" != 0 ]; then
-            dd bs=65536 count=$(($4 + 1)) iflag=count_bytes,fullblock <&3 2>/dev/null |
-                base64 -d >"$d/in" 2>/dev/null
-        fi
-        if [ "$5" = - ]; then true >"$d/cmd"; else echo "$5" >"$d/cmd"; fi
-        worker "$2" "$3" "$d" &
-        ;;
-    K)
-        [ "$#" = 3 ] && [ "$2" = "$3" ] || continue
-        case "$2" in *[!0-9a-z-]*) continue ;; esac
-        # Only while the run's directory exists (until its result is sent). "true", not
-        # ":": a failed redirection of a special built-in would end this shell.
-        if true 2>/dev/null >"$work/$2/kill"; then
-            pid=
-            read -r pid 2>/dev/null <"$work/$2/pid"
-            [ -z "$pid" ] || kill -KILL -- "-$pid" 2>/dev/null
-        fi
-        ;;
-    esac
-done
-"""
-"""The guest side of :class:`Shell`: a busybox ``sh`` script taking the port's path."""
+# Read through the trio_qemu package, not trio_qemu.guest: importing this module must not
+# import the guest builder.
+SHELL_AGENT_SCRIPT: Final = (
+    (importlib.resources.files("trio_qemu") / "guest" / "files" / "trio-shell-agent.sh")
+    .read_bytes()
+    .decode()
+)
+"""The guest side of :class:`Shell`, the shell agent: a busybox ``sh`` script taking the
+port's path (``trio_qemu/guest/files/trio-shell-agent.sh``)."""
 
 #: Bytes asked for per receive.
 _RECEIVE_SIZE: Final = 65536
-#: The longest line kept outside a result (base64 lines are 76 characters).
+#: The longest control line (``#...``) kept; a longer one is skipped (ours are < 100 bytes).
 _MAX_LINE: Final = 65536
 #: The first and the longest interval between pings while waiting for the agent.
 _PING_FIRST: Final = 0.25
 _PING_MAX: Final = 4.0
+#: Unanswered pings remembered (an answer to an older one is not recognised).
+_MAX_PINGS: Final = 64
+#: The exit status the guest reports for a command killed by SIGKILL (128 + 9).
+_KILLED: Final = 137
 
 
 @dataclass(frozen=True)
@@ -231,83 +137,96 @@ class _ChannelEnded(ShellError):
     """The channel reached end of file or broke (QEMU closed its end: it is exiting)."""
 
 
-class _Lines:
-    """Complete lines from a byte stream, with bounded memory.
+class _EventSource(Protocol):
+    """What :meth:`Shell.watch_port` reads: a QMP event subscription (``vm.subscribe(...)``)."""
 
-    A line longer than ``max_line`` without a newline is dropped (its end too), since no
-    line of the protocol is that long; only the current chunk and partial line are held.
+    async def receive(self) -> Mapping[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class _Decoder:
+    """One stream of a result (stdout or stderr), decoded from base64 as it arrives.
+
+    The bytes go straight into one buffer of the announced size, allocated once; on CPython
+    ``BytesIO.getvalue`` then hands that very buffer over as the result's ``bytes`` (no copy
+    while nothing else holds a view of it). Only a base64 group cut by a chunk boundary (at
+    most 3 characters) is carried from one chunk to the next.
     """
 
-    def __init__(self, stream: trio.abc.ReceiveStream, max_line: int) -> None:
-        self._stream = stream
-        self._max_line = max_line
-        self._lines: deque[bytes] = deque()
-        self._partial = bytearray()
-        self._skipping = False
+    __slots__ = ("_buffer", "_carry", "_chars", "_limit", "_padded", "length")
 
-    async def next(self) -> bytes:
-        """The next line without its newline; ShellError at end of file."""
-        while not self._lines:
-            try:
-                chunk = await self._stream.receive_some(_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _ChannelEnded(f"the guest shell channel broke: {exc!r}") from exc
-            if not chunk:
-                raise _ChannelEnded("the guest shell channel reached end of file (QEMU exited?)")
-            self._feed(bytes(chunk))
-        return self._lines.popleft()
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self._limit = 4 * (-(-length // 3))  # base64 of n bytes: 4 * ceil(n / 3) characters
+        self._chars = 0
+        self._carry = b""
+        self._padded = False
+        self._buffer = io.BytesIO()
+        if length:
+            self._buffer.seek(length - 1)
+            self._buffer.write(b"\0")  # the whole buffer at once: it never grows
+            self._buffer.seek(0)
 
-    def _feed(self, chunk: bytes) -> None:
-        parts = chunk.split(b"\n")
-        last = parts.pop()
-        if parts:
-            first = parts[0]
-            if self._skipping:
-                self._skipping = False
-                parts = parts[1:]
-            elif self._partial:
-                parts[0] = bytes(self._partial) + first
-            self._partial.clear()
-            self._lines.extend(parts)
-        if self._skipping:
+    def feed(self, text: bytes) -> None:
+        """Decode base64 ``text`` (newlines anywhere). ValueError if it is not base64 or is
+        more than announced."""
+        text = text.translate(None, b"\n")
+        if not text:
             return
-        self._partial += last
-        if len(self._partial) > self._max_line:
-            log.warning("guest shell: dropping a line longer than %d bytes", self._max_line)
-            self._partial.clear()
-            self._skipping = True
+        self._chars += len(text)
+        if self._chars > self._limit:
+            raise ValueError("more output than it announced")
+        if self._carry:
+            text = self._carry + text
+        cut = len(text) - len(text) % 4
+        self._carry = text[cut:]
+        if not cut:
+            return
+        if self._padded:
+            raise ValueError("bad base64: text after the padding")
+        try:
+            data = binascii.a2b_base64(text[:cut] if self._carry else text, strict_mode=True)
+        except binascii.Error as exc:
+            raise ValueError(f"bad base64: {exc}") from None
+        self._padded = text[cut - 1] == 0x3D  # "="
+        self._buffer.write(data)
+
+    def finish(self) -> bytes:
+        """The decoded bytes; ValueError if they are not as many as announced."""
+        decoded = self._buffer.tell()
+        if self._carry or decoded != self.length:
+            cut = " and a cut base64 group" if self._carry else ""
+            raise ValueError(f"{decoded} bytes{cut} where it announced {self.length}")
+        data = self._buffer.getvalue()
+        self._buffer = io.BytesIO()
+        return data
 
 
 class _Reply:
-    """A result being received for one id: the base64 lines of stdout, then of stderr."""
+    """A result being received for one id: its stdout, then its stderr."""
+
+    __slots__ = ("decoders", "index", "returncode", "rid")
 
     def __init__(self, rid: bytes, returncode: int, out_len: int, err_len: int) -> None:
         self.rid = rid
         self.returncode = returncode
-        self.lengths = (out_len, err_len)
-        self.parts: tuple[list[bytes], list[bytes]] = ([], [])
-        self.sizes = [0, 0]
+        self.decoders = (_Decoder(out_len), _Decoder(err_len))
         self.index = 0
 
-    def add(self, line: bytes) -> None:
-        self.sizes[self.index] += len(line)
-        # base64 of n bytes is 4 * ceil(n / 3) characters; anything beyond is a broken peer.
-        if self.sizes[self.index] > 4 * (-(-self.lengths[self.index] // 3)):
-            raise ShellError(f"the guest sent more output than it announced for {self.rid!r}")
-        self.parts[self.index].append(line)
-
-    def decode(self, index: int) -> bytes:
-        text = b"".join(self.parts[index])
+    def feed(self, text: bytes) -> None:
         try:
-            data = binascii.a2b_base64(text, strict_mode=True) if text else b""
-        except binascii.Error as exc:
-            raise ShellError(f"the guest sent bad base64 for {self.rid!r}: {exc}") from exc
-        if len(data) != self.lengths[index]:
-            raise ShellError(
-                f"the guest announced {self.lengths[index]} bytes for {self.rid!r} "
-                f"but sent {len(data)}"
-            )
-        return data
+            self.decoders[self.index].feed(text)
+        except ValueError as exc:
+            raise ShellError(f"the guest sent {exc} for {self.rid!r}") from None
+
+    def result(self, command: str) -> GuestResult:
+        try:
+            stdout = self.decoders[0].finish()
+            stderr = self.decoders[1].finish()
+        except ValueError as exc:
+            raise ShellError(f"the guest sent {exc} for {self.rid!r}") from None
+        return GuestResult(command, self.returncode, stdout, stderr)
 
 
 class Shell:
@@ -316,19 +235,31 @@ class Shell:
     ``stream`` is our end of the channel (``vm.channel("shell")``); the caller keeps owning
     it (the machine closes it at teardown). ``name`` labels log and error messages.
     ``max_output`` bounds the stdout plus stderr of one command (a larger result raises
-    :class:`~trio_qemu.ShellError` without being transferred). ``kill_timeout`` is how long a
-    timed-out command's kill may take to be confirmed before the shell gives up waiting (the
-    next command then skips the late result); after a call cancelled once its command was
-    sent, the next call reads that command's result first, and the shell becomes unusable if
-    the guest does not start sending it (or stalls in it) for ``kill_timeout``. ``on_eof``,
-    if given, is awaited when the channel reaches end of file or breaks, before the error is
-    raised: an owning machine can wait there briefly for QEMU's exit and :meth:`close` the
-    shell with its own error (``MachineExited``), which is then raised instead of a bare
-    :class:`~trio_qemu.ShellError`. The first end of file makes the shell unusable: later
-    calls fail at once.
+    :class:`~trio_qemu.ShellError` without being transferred). ``kill_timeout`` bounds how
+    long the guest may take to answer what the shell asks of it on its own: to confirm the
+    kill of a timed-out command, to send the result of a cancelled one (or go on sending
+    it), to answer a ping. ``on_eof``, if given, is awaited when the channel reaches end of
+    file or breaks, before the error is raised: an owning machine can wait there briefly
+    for QEMU's exit and :meth:`close` the shell with its own error (``MachineExited``),
+    which is then raised instead of a bare :class:`~trio_qemu.ShellError`. The first end of
+    file makes the shell unusable: later calls fail at once.
 
-    Memory is bounded by about ``2 * max_output`` (base64 text and decoded bytes of one
-    result) plus 64 KiB per partial line.
+    The guest-side agent can die while QEMU runs on (a command killed it). The owner learns
+    it from QEMU (the ``VSERPORT_CHANGE`` event: the guest closed its end of the port) and
+    tells the shell through :meth:`port_closed` (or :meth:`watch_port`): every call waiting
+    for the agent then raises :class:`~trio_qemu.ShellError` at once, and so does every
+    later :meth:`run`, until the port is opened again (:meth:`port_opened`: an agent
+    started) or the agent answers a ping (:meth:`wait_ready` waits for that). Without that
+    notice, a run that times out tells a dead agent from a live one with a ping sent
+    along with the kill, and never claims a kill it did not see (see :meth:`run`).
+
+    Memory: a result's stdout and stderr are decoded from base64 as they arrive, each into
+    one buffer of its announced size (allocated when the result's header comes) that
+    becomes the result's ``bytes``. On CPython, where ``BytesIO.getvalue`` hands that buffer
+    over without a copy, a run's peak is the size of its output plus a few copies of one
+    64 KiB chunk (``benchmarks/shell_memory.py`` measures 1.0x for 10 and 50 MB); where it
+    copies, at most twice the output. Both are bounded by ``max_output`` (a larger result
+    is refused before it is sent).
     """
 
     def __init__(
@@ -345,7 +276,6 @@ class Shell:
         if not kill_timeout > 0:
             raise ValueError(f"kill_timeout must be positive, not {kill_timeout}")
         self._stream = stream
-        self._lines = _Lines(stream, _MAX_LINE)
         self._on_eof = on_eof
         self.name = name
         self.max_output = max_output
@@ -357,6 +287,11 @@ class Shell:
         self._close_error: BaseException | None = None
         self._closed = False
         self._broken: str | None = None
+        # The reader: the chunk being scanned and where, and control lines being framed.
+        self._data = b""
+        self._pos = 0
+        self._in_control = False
+        self._control = LineSplitter(_MAX_LINE, self._overlong)
         #: the result being received, kept across the wait for a killed command's result
         self._receiving: _Reply | None = None
         #: a run cancelled once its request was sent (its kill asked for): its result is
@@ -364,11 +299,30 @@ class Shell:
         self._cancelled: bytes | None = None
         #: whether the guest has begun sending that result (its ``#B`` came)
         self._cancelled_started = False
-        #: set once a ping has been answered (:meth:`wait_ready`)
+        #: why the agent is known to be gone (the guest closed the port), else None
+        self._gone: str | None = None
+        #: counts port_closed() calls: a pong proves the agent back only for a later ping
+        self._epoch = 0
+        #: why the agent is thought gone (it answered no ping lately), else None
+        self._unanswered: str | None = None
+        #: pings sent and not answered yet, with the epoch they were sent in
+        self._pings: dict[bytes, int] = {}
+        #: counts the pings answered that prove the agent there now (sent in this epoch)
+        self._answered = 0
+        #: the agent's pid from its last ``#R`` line
+        self._agent_pid: bytes | None = None
+        #: scopes waiting for the agent, cancelled by port_closed()
+        self._agent_waits: set[trio.CancelScope] = set()
+        #: set once a ping has been answered (:meth:`wait_ready`); cleared when it is gone
         self.ready = False
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("ready" if self.ready else "not ready")
+        if self._closed:
+            state = "closed"
+        elif self.agent_gone is not None:
+            state = "agent gone"
+        else:
+            state = "ready" if self.ready else "not ready"
         return f"<Shell {self.name!r} {state}>"
 
     # --- public ------------------------------------------------------------------------
@@ -377,6 +331,12 @@ class Shell:
     def closed(self) -> bool:
         """Whether :meth:`close` was called or the channel broke."""
         return self._closed or self._broken is not None
+
+    @property
+    def agent_gone(self) -> str | None:
+        """Why the guest's shell agent is known gone (its port closed) or did not answer
+        lately; None when neither."""
+        return self._gone or self._unanswered
 
     def close(self, error: BaseException | None = None) -> None:
         """End the shell; idempotent. Pending and future calls raise a copy of ``error``
@@ -392,23 +352,72 @@ class Shell:
         for scope in list(self._operations):
             scope.cancel()
 
+    def port_closed(self, reason: str = "the guest closed its end of the shell port") -> None:
+        """The guest-side agent is gone (QEMU saw the guest close the port: the agent
+        exited or was killed). Calls waiting for it raise :class:`~trio_qemu.ShellError`
+        at once, and so do later runs, without sending anything, until :meth:`port_opened`
+        or an answered ping. Meant for the owning machine (see :meth:`watch_port`)."""
+        if self._closed:
+            return
+        if self._gone is None:
+            log.warning("%s: the guest shell is gone: %s", self.name, reason)
+        self._gone = reason
+        self._epoch += 1
+        self.ready = False
+        self._receiving = None  # nothing more comes of what that agent was doing
+        self._cancelled = None
+        for scope in list(self._agent_waits):
+            scope.cancel()
+
+    def port_opened(self) -> None:
+        """The guest opened its end of the port (an agent started): runs are sent again."""
+        if self._gone is not None:
+            log.info("%s: the guest opened the shell port again", self.name)
+            self._gone = None
+
+    async def watch_port(
+        self, events: _EventSource, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Follow the guest's end of the shell port: ``events`` is a subscription to QEMU's
+        ``VSERPORT_CHANGE`` events of the shell port's device (``{"data": {"id": ...,
+        "open": bool}}``); each calls :meth:`port_closed` or :meth:`port_opened`. Runs
+        until the events end (QEMU exited), then closes ``events``. For the owning machine's
+        nursery, started as soon as QMP is up (before the guest opens the port)."""
+        task_status.started()
+        try:
+            while True:
+                try:
+                    event = await events.receive()
+                except EventsDropped:
+                    continue  # the next event tells the state again
+                except (trio.EndOfChannel, trio.ClosedResourceError, MachineError):
+                    return
+                state = (event.get("data") or {}).get("open")
+                if state is True:
+                    self.port_opened()
+                elif state is False:
+                    self.port_closed()
+        finally:
+            events.close()
+
     async def wait_ready(self, timeout: float = 60.0) -> None:
         """Wait until the guest's shell agent answers a ping.
 
-        The agent may not be running yet (the guest is booting), so the ping is sent again
-        when the agent announces that it started, and otherwise after 0.25 s, 0.5 s, ... up
-        to every 4 s (a ping may be lost if the agent restarts); a pong to any of these pings
-        counts. Raises :class:`~trio_qemu.ShellTimeout` after ``timeout`` seconds, or the
-        shell's close error if it is closed meanwhile.
+        The agent may not be running yet (the guest is booting, or the agent is being
+        restarted after it was gone), so the ping is sent again when an agent announces
+        that it started, and otherwise after 0.25 s, 0.5 s, ... up to every 4 s (a ping may
+        be lost if the agent restarts); a pong to any of these pings counts, and makes a
+        gone shell usable again. Raises :class:`~trio_qemu.ShellTimeout` after ``timeout``
+        seconds, or the shell's close error if it is closed meanwhile.
         """
         with self._operation():
             with trio.move_on_after(timeout) as scope:
                 async with self._lock:
-                    await self._skip_cancelled_result()
                     await self._ping_until_answered(scope.deadline)
             if scope.cancelled_caught:
+                gone = f"; it is gone: {self.agent_gone}" if self.agent_gone else ""
                 raise ShellTimeout(
-                    f"{self.name}: the guest shell did not answer within {timeout} s "
+                    f"{self.name}: the guest shell did not answer within {timeout} s{gone} "
                     "(is the guest booted with the tiny guest's initramfs and shell=True?)"
                 )
 
@@ -428,13 +437,21 @@ class Shell:
         background processes it starts may outlive it.
 
         ``timeout`` bounds the whole call, including waiting for earlier commands (and for
-        the rest of the result of a command whose call was cancelled). When it
-        expires the command's process group is killed (waiting up to ``kill_timeout`` for
-        the guest to confirm) and :class:`~trio_qemu.ShellTimeout` is raised with whatever
-        output came back; the shell stays usable. With ``check=True`` a non-zero status
-        raises :class:`~trio_qemu.GuestCommandError`. Raises
-        :class:`~trio_qemu.ShellError` if the channel ends (QEMU exited) or the result is
-        larger than ``max_output``, or the close error given to :meth:`close`.
+        the rest of the result of a command whose call was cancelled). When it expires the
+        command's process group is killed and a ping goes along; the shell waits up to
+        ``kill_timeout`` for the outcome and raises :class:`~trio_qemu.ShellTimeout` with
+        whatever output came back, saying what it saw: the command was killed (or ended
+        as the kill came), or the agent answered the ping but did not confirm the kill (its
+        result may be lost); the shell stays usable. If the agent answered neither, it
+        raises :class:`~trio_qemu.ShellError` saying so (the agent is gone, or the guest
+        is not running): later runs first ping it and raise at once if it still does not
+        answer within ``kill_timeout``.
+
+        With ``check=True`` a non-zero status raises
+        :class:`~trio_qemu.GuestCommandError`. Raises :class:`~trio_qemu.ShellError` if
+        the guest's shell agent is gone (see :meth:`port_closed`), if the channel ends
+        (QEMU exited) or the result is larger than ``max_output``, or the close error given
+        to :meth:`close`.
         """
         if not isinstance(command, str):
             raise TypeError(f"command must be a str, not {command!r}")
@@ -450,12 +467,17 @@ class Shell:
                     command=command,
                 )
             try:
-                with trio.CancelScope(deadline=wait_scope.deadline) as skip_scope:
+                stage = "the result of an earlier, cancelled command was still arriving"
+                with (
+                    trio.CancelScope(deadline=wait_scope.deadline) as skip_scope,
+                    self._agent_wait(f"before {command!r} was sent"),
+                ):
                     await self._skip_cancelled_result()
+                    stage = "the guest shell agent, silent lately, did not answer a ping"
+                    await self._check_agent(wait_scope.deadline)
                 if skip_scope.cancelled_caught:
                     raise ShellTimeout(
-                        f"{self.name}: {command!r} did not start within {timeout} s: the "
-                        "result of an earlier, cancelled command was still arriving",
+                        f"{self.name}: {command!r} did not start within {timeout} s: {stage}",
                         command=command,
                     )
                 rid = self._new_id()
@@ -466,23 +488,22 @@ class Shell:
                     request += stdin_b64 + b"\n"
                 sent = killed = False
                 try:
-                    with trio.CancelScope(deadline=wait_scope.deadline) as scope:
-                        await self._send(request, scope.deadline)
-                        sent = True
-                        reply = await self._await_reply(rid, command)
-                    if scope.cancelled_caught:
-                        if not sent:
-                            raise ShellTimeout(
-                                f"{self.name}: sending {command!r} took longer than {timeout} s",
-                                command=command,
-                            )
-                        await self._send(
-                            b"\nK %s %s\n" % (rid, rid), trio.current_time() + self.kill_timeout
-                        )
-                        killed = True
-                        raise await self._kill_after_timeout(rid, command, timeout)
+                    with self._agent_wait(f"while {command!r} ran: its outcome is unknown"):
+                        with trio.CancelScope(deadline=wait_scope.deadline) as scope:
+                            await self._send(request, scope.deadline)
+                            sent = True
+                            reply = await self._await_reply(rid, command)
+                        if scope.cancelled_caught:
+                            if not sent:
+                                raise ShellTimeout(
+                                    f"{self.name}: sending {command!r} took longer than "
+                                    f"{timeout} s",
+                                    command=command,
+                                )
+                            killed = True
+                            raise await self._kill_after_timeout(rid, command, timeout)
                 except trio.Cancelled:
-                    if sent:
+                    if sent and self._gone is None:
                         # Its result comes all the same: the next call reads it first.
                         self._cancelled = rid
                         self._cancelled_started = (
@@ -513,6 +534,19 @@ class Shell:
         if scope.cancelled_caught:
             self._raise_if_closed()
 
+    @contextmanager
+    def _agent_wait(self, what: str) -> Iterator[None]:
+        """A cancel scope :meth:`port_closed` can cancel; turns that into a ShellError
+        saying the agent is gone, ``what`` saying what was going on."""
+        with trio.CancelScope() as scope:
+            self._agent_waits.add(scope)
+            try:
+                yield
+            finally:
+                self._agent_waits.discard(scope)
+        if scope.cancelled_caught:
+            raise ShellError(f"{self.name}: the guest shell is gone ({self._gone}) {what}")
+
     def _raise_if_closed(self) -> None:
         if self._closed:
             if self._close_error is not None:
@@ -521,25 +555,101 @@ class Shell:
         if self._broken is not None:
             raise ShellError(f"{self.name}: the shell channel is unusable: {self._broken}")
 
-    async def _next_line(self) -> bytes:
-        """The next line from the guest; at end of file, the owner's error if it has one.
+    async def _check_agent(self, deadline: float) -> None:
+        """Before a request: ShellError at once if the agent is known gone; if it did not
+        answer lately, ping it first (up to ``kill_timeout``) and raise if it still does not."""
+        if self._gone is not None:
+            raise ShellError(f"{self.name}: the guest shell is gone: {self._gone}")
+        if self._unanswered is None:
+            return
+        wait = min(deadline - trio.current_time(), self.kill_timeout)
+        if not await self._ping(trio.current_time() + wait):
+            raise ShellError(
+                f"{self.name}: the guest shell agent does not answer ({self._unanswered}; "
+                f"and not a ping within {wait:.3g} s either): it is gone, or the guest is not "
+                "running; wait_ready() waits for it to come back"
+            )
 
-        The first end of file marks the shell unusable, so later calls fail at once. Every
-        reader notes here when the result of a cancelled run (:attr:`_cancelled`) ends."""
+    # --- the reader: control lines, and the base64 text between them ---------------------
+
+    async def _receive(self) -> None:
+        """The next chunk into :attr:`_data`; at end of file, the owner's error if any.
+
+        The first end of file marks the shell unusable, so later calls fail at once."""
         try:
-            line = await self._lines.next()
+            try:
+                chunk = await self._stream.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _ChannelEnded(f"the guest shell channel broke: {exc!r}") from exc
+            if not chunk:
+                raise _ChannelEnded("the guest shell channel reached end of file (QEMU exited?)")
         except _ChannelEnded as exc:
             if self._broken is None:
                 self._broken = str(exc)
             await self._channel_ended()
             raise
-        if self._cancelled is not None and line[:1] == b"#":
-            fields = line.split(b" ", 2)
-            if len(fields) > 1 and fields[1] == self._cancelled:
-                if fields[0] in (b"#E", b"#X"):
-                    self._cancelled = None
-                elif fields[0] == b"#B":
-                    self._cancelled_started = True
+        self._data = bytes(chunk)
+        self._pos = 0
+
+    async def _next_control(self, sink: _Reply | None = None) -> bytes:
+        """The next control line: from a ``#`` (base64 never holds one) to its newline,
+        without it. The text before it is a result's base64: it goes to ``sink``, or is
+        dropped (junk, or the result of another run). The only checkpoint is the receive,
+        so a cancel loses nothing."""
+        lines = self._control.lines
+        while True:
+            data, pos = self._data, self._pos
+            if pos >= len(data):
+                await self._receive()
+            elif self._in_control:
+                newline = data.find(b"\n", pos)
+                end = len(data) if newline < 0 else newline + 1
+                self._pos = end
+                self._control.feed(data[pos:end])
+                if newline >= 0:
+                    self._in_control = False
+                    if lines:
+                        return self._note(lines.popleft())
+            else:
+                mark = data.find(b"#", pos)
+                end = len(data) if mark < 0 else mark
+                self._pos = end
+                self._in_control = mark >= 0
+                if sink is not None and end > pos:
+                    sink.feed(data[pos:end])
+
+    def _overlong(self, head: bytes) -> None:
+        log.warning("%s: dropping a line longer than %d bytes: %r", self.name, _MAX_LINE, head[:80])
+
+    def _note(self, line: bytes) -> bytes:
+        """What every reader notes of a control line: pongs, agent starts, and the end of a
+        cancelled run's result (:attr:`_cancelled`). Returns the line."""
+        start = line.rfind(b"#")
+        if start > 0:  # the start of a line cut short (its writer died): from the last "#"
+            line = line[start:]
+        fields = line.split(b" ", 2)
+        verb, lid = fields[0], fields[1] if len(fields) > 1 else b""
+        if verb == b"#P":
+            epoch = self._pings.pop(lid, None)
+            if epoch is not None:
+                self._unanswered = None
+                if epoch == self._epoch:  # sent after the last port_closed()
+                    self._gone = None
+                    self._answered += 1
+                    self.ready = True
+        elif verb == b"#R":
+            pid = lid.decode(errors="replace")
+            if self._agent_pid is not None and lid != self._agent_pid:
+                log.info("%s: the guest shell agent restarted (pid %s)", self.name, pid)
+                self._cancelled = None  # that agent never sends it (a late one is skipped)
+            else:
+                log.debug("%s: the guest shell agent started (pid %s)", self.name, pid)
+            self._agent_pid = lid
+        elif self._cancelled is not None and lid == self._cancelled:
+            if verb in (b"#E", b"#X"):
+                self._cancelled = None
+            elif verb == b"#B":
+                self._cancelled_started = True
         return line
 
     async def _skip_cancelled_result(self) -> None:
@@ -548,22 +658,38 @@ class Shell:
 
         Its kill was asked for, so the guest should start sending it at once: waiting for
         that is bounded by ``kill_timeout``, and so is each line once it comes (a large
-        result takes a while). The shell is unusable if the guest misses either bound."""
+        result takes a while). When the guest misses either bound, a ping tells: an agent
+        that answers has lost that result (were it to come later, it is skipped like any
+        late result); one that does not is reported (ShellError, and later runs ping first)."""
         if self._cancelled is None:
             return
         rid = self._cancelled
         deadline = trio.current_time() + self.kill_timeout
         while self._cancelled is not None:
             with trio.CancelScope(deadline=deadline) as scope:
-                await self._next_line()
+                await self._next_control()
             if scope.cancelled_caught:
-                self._broken = (
-                    f"the guest did not send the result of cancelled command {rid!r} within "
-                    f"kill_timeout={self.kill_timeout} s"
-                )
-                raise ShellError(f"{self.name}: {self._broken}")
+                break
             if self._cancelled_started:
                 deadline = trio.current_time() + self.kill_timeout
+        else:
+            return
+        self._cancelled = None
+        if await self._ping(trio.current_time() + self.kill_timeout):
+            log.warning(
+                "%s: the result of cancelled command %r did not come within kill_timeout=%s s",
+                self.name, rid, self.kill_timeout,
+            )  # fmt: skip
+            return
+        self._unanswered = (
+            f"it sent neither the result of cancelled command {rid!r} nor a pong, each "
+            f"within kill_timeout={self.kill_timeout} s"
+        )
+        self.ready = False
+        raise ShellError(
+            f"{self.name}: the guest shell agent does not answer: {self._unanswered}; it is "
+            "gone, or the guest is not running"
+        )
 
     async def _channel_ended(self) -> None:
         """Let the owner react to the channel's end; raise its close error if it gave one."""
@@ -574,6 +700,24 @@ class Shell:
 
     def _new_id(self) -> bytes:
         return f"{self._token}-{next(self._ids)}".encode()
+
+    def _new_ping(self) -> bytes:
+        """An id for a ping, remembered until answered (the oldest beyond _MAX_PINGS is
+        forgotten)."""
+        rid = self._new_id()
+        self._pings[rid] = self._epoch
+        if len(self._pings) > _MAX_PINGS:
+            del self._pings[next(iter(self._pings))]
+        return rid
+
+    async def _ping(self, deadline: float) -> bool:
+        """Ping the agent; whether it answered by ``deadline``."""
+        rid = self._new_ping()
+        await self._send(b"\nP %s %s\n" % (rid, rid), deadline)
+        with trio.CancelScope(deadline=deadline):
+            while rid in self._pings:
+                await self._next_control()
+        return rid not in self._pings
 
     async def _send(self, data: bytes, deadline: float) -> None:
         """Send ``data`` whole: a request cut short by a cancel would leave the guest
@@ -605,82 +749,109 @@ class Shell:
             except Exception as exc:
                 log.debug("%s: kill of %r not sent: %r", self.name, rid, exc)
 
-    async def _kill_after_timeout(self, rid: bytes, command: str, timeout: float) -> ShellTimeout:
-        """Wait up to ``kill_timeout`` for the result of command ``rid``, whose kill was just
-        sent, and return the ShellTimeout to raise (with the output the guest sent back)."""
-        message = f"{self.name}: {command!r} did not finish within {timeout} s; it was killed"
-        with trio.move_on_after(self.kill_timeout):
+    async def _kill_after_timeout(self, rid: bytes, command: str, timeout: float) -> ShellError:
+        """Kill command ``rid`` (timed out) and ping the agent along; wait up to
+        ``kill_timeout`` for the command's result, and return the error to raise, saying
+        only what was seen: a ShellTimeout with the output that came back when the command
+        ended or the agent answered, else a ShellError: the agent answered nothing."""
+        deadline = trio.current_time() + self.kill_timeout
+        ping = self._new_ping()
+        await self._send(b"\nK %s %s\nP %s %s\n" % (rid, rid, ping, ping), deadline)
+        late = f"{self.name}: {command!r} did not finish within {timeout} s"
+        with trio.CancelScope(deadline=deadline):
             try:
                 reply = await self._await_reply(rid, command)
             except ShellError as exc:
                 if self._broken is not None or isinstance(exc, ShellTimeout):
                     raise
-                log.debug("%s: result of killed %r: %s", self.name, rid, exc)
-            else:
                 return ShellTimeout(
-                    message, command=command, stdout=reply.stdout, stderr=reply.stderr
+                    f"{late}; it ended once the kill was sent, but its result was broken: {exc}",
+                    command=command,
                 )
-        log.debug("%s: no result for killed %r within %s s", self.name, rid, self.kill_timeout)
-        return ShellTimeout(message, command=command)
+            if reply.returncode == _KILLED:
+                how = "it was killed"
+            else:
+                how = f"it ended with status {reply.returncode} as the kill was sent"
+            return ShellTimeout(
+                f"{late}; {how}", command=command, stdout=reply.stdout, stderr=reply.stderr
+            )
+        if ping not in self._pings:
+            log.debug("%s: no result for killed %r within %s s", self.name, rid, self.kill_timeout)
+            return ShellTimeout(
+                f"{late}; a kill was sent, and the guest shell agent answers, but it did not "
+                f"confirm the command's end within kill_timeout={self.kill_timeout} s (its "
+                "result is late or lost)",
+                command=command,
+            )
+        self._receiving = None
+        self._unanswered = (
+            f"it answered neither the kill of {command!r} nor a ping within "
+            f"kill_timeout={self.kill_timeout} s"
+        )
+        self.ready = False
+        return ShellError(
+            f"{late}, and the guest shell agent answered neither its kill nor a ping within "
+            f"kill_timeout={self.kill_timeout} s: it is gone (killed?), or the guest is not "
+            "running; whether the command still runs is unknown"
+        )
 
     async def _ping_until_answered(self, deadline: float) -> None:
-        sent: set[bytes] = set()
         interval = _PING_FIRST
+        answered = self._answered
         while True:
-            rid = self._new_id()
-            sent.add(rid)
+            rid = self._new_ping()
             await self._send(b"\nP %s %s\n" % (rid, rid), deadline)
             with trio.move_on_after(interval):
                 while True:
-                    line = await self._next_line()
-                    if line.startswith(b"#P ") and line[3:] in sent:
-                        self.ready = True
+                    line = await self._next_control()
+                    if self._answered != answered:
                         return
                     if line.startswith(b"#R "):
-                        log.debug("%s: the guest shell agent started (%r)", self.name, line)
                         break  # ping again now: the agent may have missed earlier pings
             interval = min(interval * 2, _PING_MAX)
 
     async def _await_reply(self, rid: bytes, command: str) -> GuestResult:
-        """Read lines until the result for ``rid``; skip everything else (junk, pongs, the
+        """Read until the result for ``rid``; skip everything else (junk, pongs, the
         results of other ids). A result partly received when a timeout interrupted the
         previous call for the same ``rid`` is continued."""
         reply = self._receiving if self._receiving and self._receiving.rid == rid else None
         self._receiving = None
-        while True:
-            line = await self._next_line()
-            if not line.startswith(b"#"):
-                if reply is not None:
-                    reply.add(line)
-                continue
-            fields = line[1:].split(b" ")
-            verb, lid = fields[0], fields[1] if len(fields) > 1 else b""
-            if verb == b"B":
-                if lid != rid:  # a late result of another run: its lines are not taken
-                    log.debug("%s: skipping a stale result for %r", self.name, lid)
-                    continue
-                rc, out_len, err_len = _ints(fields[2:5], line)
-                if out_len + err_len > self.max_output:
+        try:
+            while True:
+                line = await self._next_control(reply)
+                fields = line[1:].split(b" ")
+                verb, lid = fields[0], fields[1] if len(fields) > 1 else b""
+                if verb == b"B":
+                    if lid != rid:  # a late result of another run: its text is dropped
+                        log.debug("%s: skipping a stale result for %r", self.name, lid)
+                        continue
+                    rc, out_len, err_len = _ints(fields[2:5], line)
+                    if out_len + err_len > self.max_output:
+                        raise ShellError(
+                            f"{self.name}: the guest announced more output than max_output "
+                            f"allows ({out_len}+{err_len} bytes)"
+                        )
+                    reply = _Reply(rid, rc, out_len, err_len)
+                elif verb == b"M" and reply is not None and lid == rid:
+                    reply.index = 1
+                elif verb == b"E" and reply is not None and lid == rid:
+                    return reply.result(command)
+                elif verb == b"X" and lid == rid:
+                    rc, out_len, err_len = _ints(fields[2:5], line)
                     raise ShellError(
-                        f"{self.name}: the guest announced more output than max_output "
-                        f"allows ({out_len}+{err_len} bytes)"
+                        f"{self.name}: {command!r} (exit status {rc}) wrote {out_len} bytes to "
+                        f"stdout and {err_len} to stderr, more than max_output={self.max_output}"
                     )
-                reply = self._receiving = _Reply(rid, rc, out_len, err_len)
-            elif verb == b"M" and reply is not None and lid == rid:
-                reply.index = 1
-            elif verb == b"E" and reply is not None and lid == rid:
-                self._receiving = None
-                stdout = reply.decode(0)
-                stderr = reply.decode(1)
-                return GuestResult(command, reply.returncode, stdout, stderr)
-            elif verb == b"X" and lid == rid:
-                rc, out_len, err_len = _ints(fields[2:5], line)
-                raise ShellError(
-                    f"{self.name}: {command!r} (exit status {rc}) wrote {out_len} bytes to "
-                    f"stdout and {err_len} to stderr, more than max_output={self.max_output}"
-                )
-            elif verb not in (b"R", b"P", b"M", b"E", b"X"):
-                log.debug("%s: ignoring %r", self.name, line[:80])
+                elif verb == b"R" and reply is not None:
+                    raise ShellError(
+                        f"{self.name}: the guest shell agent restarted while it sent the result "
+                        f"of {command!r}"
+                    )
+                elif verb not in (b"R", b"P", b"M", b"E", b"X"):
+                    log.debug("%s: ignoring %r", self.name, line[:80])
+        except trio.Cancelled:
+            self._receiving = reply  # the rest may still be read (after a timeout's kill)
+            raise
 
 
 def _ints(fields: list[bytes], line: bytes) -> tuple[int, int, int]:

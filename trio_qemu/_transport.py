@@ -11,27 +11,33 @@ import contextlib
 import errno
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
 import trio
 
 from ._errors import QMPConnectionClosed, QMPTimeout
 
-__all__ = ["Address", "Listener", "connect", "read_fd", "socketpair_stream"]
+__all__ = [
+    "Address",
+    "ExitAwareStream",
+    "Listener",
+    "connect",
+    "read_fd",
+    "socketpair_stream",
+]
 
 #: A unix socket path, or a TCP ``(host, port)``.
 Address: TypeAlias = "str | os.PathLike[str] | tuple[str, int]"
 
 
-def socketpair_stream(
-    kind: socket.SocketKind = socket.SOCK_STREAM,
-) -> tuple[trio.SocketStream, socket.socket]:
-    """A connected AF_UNIX pair: our end as a Trio stream, and the end to hand to QEMU.
+def socketpair_stream() -> tuple[trio.SocketStream, socket.socket]:
+    """A connected AF_UNIX stream pair: our end as a Trio stream, and the end to hand to QEMU.
 
     The caller passes ``theirs.fileno()`` to QEMU with ``pass_fds`` and closes ``theirs``
     once QEMU has started.
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     return trio.SocketStream(trio.socket.from_stdlib_socket(ours)), theirs
 
 
@@ -100,9 +106,13 @@ class Listener:
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             family, type_, proto, _, sockaddr = infos[0]
             sock = trio.socket.socket(family, type_, proto)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            await sock.bind(sockaddr)
-            sock.listen(1)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                await sock.bind(sockaddr)
+                sock.listen(1)
+            except BaseException:
+                sock.close()
+                raise
             bound = sock.getsockname()
             return cls(sock, (host, int(bound[1])), None)
         path = os.fspath(address)
@@ -137,3 +147,41 @@ class Listener:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
             self._path = None
+
+
+class ExitAwareStream(trio.abc.Stream):
+    """A stream whose end (EOF or a break) is reported only once the peer's exit is known.
+
+    When QEMU dies its sockets end a moment before it is reaped. Reading through this waits
+    up to ``grace`` s for ``wait_exit`` (QEMU's exit) before handing on the end, so readers
+    can fail with :class:`~trio_qemu.MachineExited` rather than a bare "the channel ended".
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        wait_exit: Callable[[float], Awaitable[object]],
+        grace: float,
+    ) -> None:
+        self._stream = stream
+        self._wait_exit = wait_exit
+        self._grace = grace
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except trio.BrokenResourceError:
+            await self._wait_exit(self._grace)
+            raise
+        if not data:
+            await self._wait_exit(self._grace)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

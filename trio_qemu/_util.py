@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Final, Generic, Self, TypeVar
@@ -26,9 +27,11 @@ __all__ = [
     "BlockOutcome",
     "BoundedStream",
     "LineSplitter",
+    "ShieldOnStart",
     "keyboard_interrupt_in",
     "only_cancelled",
     "open_service_nursery",
+    "publish",
 ]
 
 T = TypeVar("T")
@@ -278,3 +281,42 @@ class BoundedStream(Generic[T]):
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class ShieldOnStart:
+    """A task status that shields the service's cancel scope once ``started()`` moved it.
+
+    Trio moves a started task into the target nursery, unless the ``start`` call was
+    cancelled meanwhile; then the task stays behind and must remain cancellable. Records
+    whether ``started()`` was called (:attr:`started_called`).
+    """
+
+    def __init__(self, inner: trio.TaskStatus[Any], scope: trio.CancelScope) -> None:
+        self._inner = inner
+        self._scope = scope
+        self._origin = trio.lowlevel.current_task().parent_nursery
+        self.started_called = False
+
+    def started(self, value: Any = None) -> None:
+        self.started_called = True
+        self._inner.started(value)
+        moved = trio.lowlevel.current_task().parent_nursery is not self._origin
+        if moved or self._inner is trio.TASK_STATUS_IGNORED:
+            self._scope.shield = True
+
+
+def publish(module_name: str, namespace: dict[str, Any], names: Iterable[str]) -> None:
+    """Set ``__module__`` of the public classes and functions in ``names`` to ``module_name``.
+
+    Tracebacks, reprs and the API docs then say ``trio_qemu.MachineExited`` rather than
+    the private module it is defined in (as Trio does). Only objects defined inside
+    ``trio_qemu`` are touched; methods of classes follow their class's qualified name.
+    """
+    for name in names:
+        obj = namespace[name]
+        module = getattr(obj, "__module__", None)
+        if not isinstance(module, str) or not module.startswith("trio_qemu."):
+            continue
+        if isinstance(obj, type) or callable(obj):
+            with contextlib.suppress(AttributeError, TypeError):
+                obj.__module__ = module_name

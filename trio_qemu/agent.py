@@ -48,6 +48,7 @@ import trio
 from ._errors import AgentError, AgentTimeout, QMPConnectionClosed, QMPTimeout, copy_error
 from ._qmp import QMPClient
 from ._shell import GuestResult
+from ._util import open_service_nursery
 
 __all__ = [
     "DEFAULT_AGENT_MESSAGE_SIZE",
@@ -103,19 +104,19 @@ class GuestAgent:
     for it, within their own ``timeout``. Every method is safe to call from several tasks at
     once; replies are paired with requests by id.
 
-    :param stream: our end of the channel (``vm.channel("agent")``). The caller owns it; the
-        reader closes it when the peer ends the connection.
-    :param name: a label for logs and error messages.
-    :param timeout: the default bound in seconds of :meth:`ping`, :meth:`info` and
-        :meth:`cmd`.
-    :param max_message_size: the largest reply accepted (a larger one is a protocol error
-        that ends the connection).
-    :param on_eof: awaited when the channel reaches end of file, before pending calls fail:
-        an owning machine waits there briefly for QEMU's exit status and fails the agent
-        with its own error (:meth:`fail`), which calls then raise instead of
-        :class:`~trio_qemu.QMPConnectionClosed`.
-    :param on_shutdown: called with the mode just before ``guest-shutdown`` is sent, so an
-        owning machine can expect QEMU to exit (as it does after ``quit``).
+    Args:
+        stream: our end of the channel (``vm.channel("agent")``). The caller owns it; the
+            reader closes it when the peer ends the connection.
+        name: a label for logs and error messages.
+        timeout: the default bound in seconds of :meth:`ping`, :meth:`info` and :meth:`cmd`.
+        max_message_size: the largest reply accepted (a larger one is a protocol error that
+            ends the connection).
+        on_eof: awaited when the channel reaches end of file, before pending calls fail: an
+            owning machine waits there briefly for QEMU's exit status and fails the agent
+            with its own error (:meth:`fail`), which calls then raise instead of
+            :class:`~trio_qemu.QMPConnectionClosed`.
+        on_shutdown: called with the mode just before ``guest-shutdown`` is sent, so an
+            owning machine can expect QEMU to exit (as it does after ``quit``).
     """
 
     def __init__(
@@ -630,16 +631,8 @@ async def open_agent(
     """
     stream = target if isinstance(target, trio.abc.Stream) else target.channel("agent")
     agent = GuestAgent(stream, **options)
-    body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
+    async with open_service_nursery(on_exit=agent.fail) as nursery:
         await nursery.start(agent.run)
-        try:
-            if ready_timeout is not None:
-                await agent.wait_ready(ready_timeout)
-            yield agent
-        except BaseException as exc:  # re-raised below, outside the nursery: no group
-            body_error = exc
-        agent.fail(None)
-        nursery.cancel_scope.cancel()
-    if body_error is not None:
-        raise body_error
+        if ready_timeout is not None:
+            await agent.wait_ready(ready_timeout)
+        yield agent

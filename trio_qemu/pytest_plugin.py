@@ -1,6 +1,6 @@
 """pytest fixtures for trio_qemu, registered through the ``pytest11`` entry point.
 
-Fixtures (they need pytest-trio for the async one):
+Fixtures (the async one needs pytest-trio, but not its ``trio_mode``):
 
 - ``qemu_binary`` (session): the QEMU executable the machines run (``$QEMU`` or
   ``qemu-system-x86_64`` on PATH); fails the test with a clear message when there is none.
@@ -10,22 +10,39 @@ Fixtures (they need pytest-trio for the async one):
   VM in the test's nursery; ``await machine(guest=True)`` boots the tiny guest and waits
   until its shell answers. Every VM is shut down when the test ends, passed or failed.
 
-When a test fails, its report gets one section per VM with QEMU's command line and exit
-status, the console tail, QEMU's own output and the last QMP messages exchanged.
+An ``async def`` test that uses ``machine`` (directly or through another fixture) is marked
+``@pytest.mark.trio`` by this plugin, so pytest-trio runs it, and its async fixtures, whether
+or not the project sets ``trio_mode = true``.
+
+When a machine fails (QEMU dies mid-test), the test is cancelled if it is not already
+failing for that reason, and the failure is reported once, as that error (not as an
+``ExceptionGroup`` of the test's and the fixture's copies, and without the library's
+internal exception chain). When a test fails, its report gets one section per VM with
+QEMU's command line and exit status, the console tail (terminal escape sequences removed),
+QEMU's own output and the last QMP messages exchanged.
+
+The module is registered under its own name (``trio_qemu.pytest_plugin``) by the entry
+point too, so ``-p trio_qemu.pytest_plugin`` (needed with ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``)
+and ``-p no:trio_qemu.pytest_plugin`` both work.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator, Generator
+from types import TracebackType
 from typing import Any, Protocol
 
 import pytest
 import trio
 
 from ._config import MachineConfig
-from ._machine import Machine, start_machine
+from ._errors import MachineError, MachineExited
+from ._machine import Machine
+from ._openers import start_machine
 from .guest import GuestImage, build_guest, ensure_guest
 
 __all__ = ["MachineFactory"]
@@ -34,6 +51,14 @@ _MACHINES_KEY = pytest.StashKey[list[Machine]]()
 _NOTES_KEY = pytest.StashKey[dict[str, str]]()
 #: How much console output a failure report shows.
 _CONSOLE_TAIL = 4096
+#: The name of the async fixture this plugin provides.
+_FIXTURE = "machine"
+
+_NEEDS_PYTEST_TRIO = (
+    "trio_qemu's `machine` fixture needs the pytest-trio plugin, which is not active: "
+    "install it (pip install pytest-trio); with PYTEST_DISABLE_PLUGIN_AUTOLOAD set, also "
+    "pass -p pytest_trio.plugin"
+)
 
 
 class MachineFactory(Protocol):
@@ -48,6 +73,14 @@ class MachineFactory(Protocol):
         boot_timeout: float = 120.0,
         **fields: Any,
     ) -> Machine: ...
+
+
+def _pytest_trio_active(config: pytest.Config) -> bool:
+    """Whether pytest-trio is registered (by its entry point or by ``-p pytest_trio.plugin``)."""
+    return any(
+        getattr(plugin, "__name__", None) == "pytest_trio.plugin"
+        for plugin in config.pluginmanager.get_plugins()
+    )
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +113,9 @@ async def machine(
     notes: dict[str, str] = {}
     request.node.stash[_MACHINES_KEY] = machines
     request.node.stash[_NOTES_KEY] = notes
+    # A machine that fails raises into this nursery: that cancels the test (through
+    # pytest-trio) and the failure comes out of this fixture; pytest_runtest_call below
+    # folds it together with the test's own copy of the same failure.
     async with trio.open_nursery() as nursery:
 
         async def factory(
@@ -121,6 +157,138 @@ async def _stop(vm: Machine, notes: dict[str, str]) -> None:
         notes[vm.name] = f"shutdown: {exc}"
 
 
+# --- running the tests ----------------------------------------------------------------------
+
+
+def _uses_machine(item: pytest.Item) -> bool:
+    return _FIXTURE in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every ``async def`` test using ``machine`` as a Trio test (as ``trio_mode`` would)."""
+    if not _pytest_trio_active(config):
+        return  # pytest_runtest_setup says why such a test cannot run
+    for item in items:
+        if not _uses_machine(item) or item.get_closest_marker("trio") is not None:
+            continue
+        func = getattr(item, "obj", None)
+        inner = getattr(getattr(func, "hypothesis", None), "inner_test", None)
+        if inspect.iscoroutinefunction(inner or func):
+            item.add_marker(pytest.mark.trio)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fail a test that uses ``machine`` with a clear message when it cannot run: pytest-trio
+    is missing, or the test is not ``async def``."""
+    if not _uses_machine(item):
+        return
+    if not _pytest_trio_active(item.config):
+        pytest.fail(_NEEDS_PYTEST_TRIO, pytrace=False)
+    if item.get_closest_marker("trio") is None:
+        pytest.fail(
+            f"{item.name} uses trio_qemu's `machine` fixture, which is async: "
+            "make it an `async def` test",
+            pytrace=False,
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """Report a machine's failure once, as itself.
+
+    pytest-trio raises an ExceptionGroup when the test and a fixture both fail: a VM that
+    dies mid-test ends the test with a copy of its error (e.g. ``MachineExited`` from a
+    ``shell.run``) and the ``machine`` fixture with the original. Copies of one failure are
+    folded into one; a lone error is raised bare.
+    """
+    __tracebackhide__ = True
+    if not _uses_machine(item):
+        return (yield)
+    try:
+        return (yield)
+    except MachineExited as exc:
+        _drop_chain(exc)
+        raise
+    except BaseExceptionGroup as group:
+        simpler = _fold(group, test_file=str(getattr(item, "path", "")))
+    raise simpler
+
+
+def _drop_chain(error: MachineExited) -> None:
+    """QEMU died: that is the whole story. The internal chain behind the error (a reader's
+    ConnectionResetError, BrokenResourceError, end-of-channel marker...) only hides it."""
+    error.__cause__ = None
+    error.__suppress_context__ = True
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
+    return [error]
+
+
+def _raised_in(error: BaseException, path: str) -> bool:
+    tb: TracebackType | None = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == path:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _fold(group: BaseExceptionGroup[BaseException], test_file: str) -> BaseException:
+    """``group`` with the copies of each machine failure folded into one; its only leaf
+    when one remains. Of several copies, the one raised through the test file is kept (its
+    traceback shows where the test was). A group with no machine failure is left alone."""
+    kept: dict[tuple[type[BaseException], str], BaseException] = {}
+    others: list[BaseException] = []
+    for leaf in _leaves(group):
+        if not isinstance(leaf, MachineError):
+            others.append(leaf)
+            continue
+        key = (type(leaf), str(leaf))
+        if key not in kept or (
+            _raised_in(leaf, test_file) and not _raised_in(kept[key], test_file)
+        ):
+            kept[key] = leaf
+    if not kept:
+        return group  # not a machine's failure: leave the test's own errors as they are
+    for error in kept.values():
+        if isinstance(error, MachineExited):
+            _drop_chain(error)
+    remaining = [*others, *kept.values()]
+    if len(remaining) == 1:
+        return remaining[0]
+    if len(remaining) == len(_leaves(group)):
+        return group
+    return BaseExceptionGroup(group.message, remaining)
+
+
+# --- failure reports --------------------------------------------------------------------------
+
+# ECMA-48 / xterm control sequences: CSI (ESC [ or the 8-bit 0x9B), OSC, DCS, SOS, PM and APC
+# strings (ended by BEL or ST), other ESC sequences (ESC, intermediates, final), then any
+# C0/C1 control character left except tab and newline.
+_ESCAPES = re.compile(
+    r"""
+    (?: \x1b\[ | \x9b ) [0-?]* [ -/]* [@-~]            # CSI ... final byte
+    | (?: \x1b[\]PX^_] | [\x90\x98\x9d\x9e\x9f] )     # OSC, DCS, SOS, PM, APC strings
+      [^\x07\x1b\x9c\n]* (?: \x07 | \x1b\\ | \x9c )?   # ... to BEL or ST (or the line's end)
+    | \x1b [ -/]* [0-~]?                                # other ESC sequences
+    | [\x00-\x08\x0b-\x1f\x7f-\x9f]                     # stray controls (\r included)
+    """,
+    re.VERBOSE,
+)
+
+
+def _strip_escapes(text: str) -> str:
+    """``text`` without terminal control sequences and control characters (tab and newline
+    stay; ``\\r\\n`` becomes ``\\n``), for showing a guest console in a plain-text report."""
+    return _ESCAPES.sub("", text.replace("\r\n", "\n"))
+
+
 def _describe(vm: Machine, note: str | None) -> str:
     parts = [
         f"command line: {' '.join(vm.argv)}",
@@ -133,10 +301,15 @@ def _describe(vm: Machine, note: str | None) -> str:
         parts.append(f"failure: {vm.failure}")
     if vm.config.console:
         tail = vm.console.tail(_CONSOLE_TAIL).decode("utf-8", "replace")
-        parts.append("--- console (tail) ---\n" + tail)
-    parts.append("--- QEMU output ---\n" + (vm.log or "(none)"))
-    if vm.config.qmp and vm._qmp is not None:
-        parts.append("--- last QMP messages ---\n" + "\n".join(vm.qmp_client.transcript()))
+        parts.append("--- console (tail) ---\n" + _strip_escapes(tail))
+    parts.append("--- QEMU output ---\n" + (_strip_escapes(vm.log) or "(none)"))
+    if vm.config.qmp:
+        try:
+            transcript = vm.qmp_client.transcript()
+        except MachineError:  # no QMP connection was made
+            transcript = None
+        if transcript is not None:
+            parts.append("--- last QMP messages ---\n" + "\n".join(transcript))
     return "\n".join(parts)
 
 

@@ -1,6 +1,7 @@
 """Classic libpcap capture files: a bounded, synchronous writer and a small reader.
 
-The switch of :mod:`trio_qemu.network` records the frames it receives here, in the classic
+The switch of :mod:`trio_qemu.network` (:meth:`Switch.start_capture
+<trio_qemu.network.Switch.start_capture>`) records the frames it receives here, in the classic
 format every tool reads (tcpdump, tshark, Wireshark): a 24-byte global header (magic
 ``0xa1b2c3d4``, version 2.4, link type 1 = Ethernet) followed by one 16-byte record header
 (seconds, microseconds, captured length, original length) and the frame bytes per packet.
