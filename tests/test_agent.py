@@ -497,11 +497,10 @@ async def test_channel_closed_is_a_machine_error(agent_guest: GuestImage) -> Non
             await agent.exec(["true"])
 
 
-@pytest.mark.skipif(not hasattr(Machine, "agent"), reason="vm.agent is not wired up yet")
 async def test_vm_agent(agent_guest: GuestImage) -> None:
-    """``vm.agent`` (the machine's own GuestAgent) once the machine offers it."""
+    """``vm.agent``: the machine's own GuestAgent."""
     async with open_machine(agent_guest.config()) as vm:
-        agent: GuestAgent = vm.agent  # type: ignore[attr-defined,unused-ignore]
+        agent: GuestAgent = vm.agent
         await agent.wait_ready(BOOT_TIMEOUT)
         result = await agent.exec(["echo", "hi"])
         assert result.stdout == b"hi\n"
@@ -510,9 +509,9 @@ async def test_vm_agent(agent_guest: GuestImage) -> None:
     # QEMU exiting on its own (a guest panic, with -no-reboot) fails a pending call at once.
     with pytest.raises(MachineExited), trio.fail_after(BOOT_TIMEOUT):
         async with open_machine(agent_guest.config()) as vm:
-            agent = vm.agent  # type: ignore[attr-defined,unused-ignore]
+            agent = vm.agent
             await agent.wait_ready(BOOT_TIMEOUT)
             await agent.exec(["sh", "-c", "echo c >/proc/sysrq-trigger"], timeout=30)
     async with open_machine(machine="none") as bare:
         with pytest.raises(MachineError, match="agent=True"):
-            bare.agent  # type: ignore[attr-defined,unused-ignore]  # noqa: B018
+            bare.agent  # noqa: B018

@@ -194,7 +194,7 @@ def test_shell_and_agent() -> None:
         "-chardev",
         "socket,id=shell,fd=11",
         "-device",
-        "virtserialport,bus=trio-vser.0,chardev=shell,name=org.trio-qemu.shell",
+        "virtserialport,bus=trio-vser.0,chardev=shell,name=org.trio-qemu.shell,id=trio-shell-port",
         "-chardev",
         "socket,id=agent,fd=12",
         "-device",

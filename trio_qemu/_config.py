@@ -53,6 +53,8 @@ ACCEL_ENV: Final = "TRIO_QEMU_ACCEL"
 
 SHELL_PORT_NAME: Final = "org.trio-qemu.shell"
 """The virtio-serial port name of the guest-shell channel (``/dev/virtio-ports/<name>``)."""
+SHELL_PORT_ID: Final = "trio-shell-port"
+"""The guest-shell port device's id: QEMU names it in ``VSERPORT_CHANGE`` events."""
 
 AGENT_PORT_NAME: Final = "org.qemu.guest_agent.0"
 """The virtio-serial port name the QEMU guest agent looks for by default."""
@@ -429,7 +431,8 @@ class MachineConfig:
                     "-chardev",
                     f"socket,id={channel},fd={_need(fd, channel)}",
                     "-device",
-                    f"virtserialport,bus={_VSER_ID}.0,chardev={channel},name={port_name}",
+                    f"virtserialport,bus={_VSER_ID}.0,chardev={channel},name={port_name}"
+                    + (f",id={SHELL_PORT_ID}" if channel == "shell" else ""),
                 ]
 
         for spec in self.fds:

@@ -290,7 +290,8 @@ class ShellError(MachineError):
 
 
 class ShellTimeout(ShellError, TimeoutError):
-    """A guest command outlived its timeout; it was killed and the shell stays usable.
+    """A guest command outlived its timeout; its kill was sent (the message says whether
+    the guest confirmed it) and the shell stays usable.
 
     ``stdout`` and ``stderr`` hold what the command wrote before it was killed, when the
     guest sent it back in time (else empty).

@@ -42,7 +42,7 @@ import trio
 from qemu.qmp.models import Greeting
 
 from ._channels import Channels
-from ._config import MachineConfig, check_paths
+from ._config import SHELL_PORT_ID, MachineConfig, check_paths
 from ._console import Console
 from ._errors import (
     AbnormalShutdown,
@@ -347,6 +347,10 @@ class Machine(MonitorCommands):
                 await nursery.start(self._service, self._run_console, stream)
             if config.qmp:
                 await self._connect_qmp(nursery, channels.ours.get("monitor"), listener)
+                if config.shell:  # QEMU says when the guest closes the shell port
+                    port = {"data": {"id": SHELL_PORT_ID}}
+                    events = self.subscribe("VSERPORT_CHANGE", match=port)
+                    await nursery.start(self._service, self.shell.watch_port, events)
             nursery.start_soon(self._supervise)
         finally:
             if listener is not None:

@@ -303,6 +303,8 @@ class Shell:
         self._gone: str | None = None
         #: counts port_closed() calls: a pong proves the agent back only for a later ping
         self._epoch = 0
+        #: the reason given to the last port_closed()
+        self._gone_reason = ""
         #: why the agent is thought gone (it answered no ping lately), else None
         self._unanswered: str | None = None
         #: pings sent and not answered yet, with the epoch they were sent in
@@ -361,7 +363,7 @@ class Shell:
             return
         if self._gone is None:
             log.warning("%s: the guest shell is gone: %s", self.name, reason)
-        self._gone = reason
+        self._gone = self._gone_reason = reason
         self._epoch += 1
         self.ready = False
         self._receiving = None  # nothing more comes of what that agent was doing
@@ -545,7 +547,7 @@ class Shell:
             finally:
                 self._agent_waits.discard(scope)
         if scope.cancelled_caught:
-            raise ShellError(f"{self.name}: the guest shell is gone ({self._gone}) {what}")
+            raise ShellError(f"{self.name}: the guest shell is gone ({self._gone_reason}) {what}")
 
     def _raise_if_closed(self) -> None:
         if self._closed:
