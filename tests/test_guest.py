@@ -231,15 +231,26 @@ def test_initramfs_contents(fresh_build: FreshBuild) -> None:
     assert len(fresh_build.image.initrd.read_bytes()) < 12 << 20
 
 
+def file_identities(root: Path) -> dict[Path, tuple[int, int]]:
+    """Every file under ``root`` -> (inode, mtime in ns): a rewrite or a rename changes it."""
+    return {
+        path: (path.stat().st_ino, path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
 async def test_cache_is_reused(fresh_build: FreshBuild) -> None:
+    guests = fresh_build.cache / "guest"
+    before = file_identities(guests)
+    assert fresh_build.image.kernel in before and fresh_build.image.initrd in before
     messages: list[str] = []
     start = time.monotonic()
     again = await ensure_guest(cache_dir=fresh_build.cache, progress=messages.append)
-    elapsed = time.monotonic() - start
-    print(f"cached ensure_guest: {elapsed:.2f} s")
+    print(f"cached ensure_guest: {time.monotonic() - start:.2f} s")
     assert again == fresh_build.image
     assert messages == []  # nothing built, nothing downloaded
-    assert elapsed < 5
+    assert file_identities(guests) == before  # the cached files themselves, untouched
 
 
 async def test_concurrent_builders(fresh_build: FreshBuild, tmp_path: Path) -> None:

@@ -74,7 +74,6 @@ async def test_greeting_status_and_transcript(bare_qemu: BareQemu) -> None:
         assert isinstance(greeting, Greeting)
         version = greeting.QMP.version["qemu"]
         assert isinstance(version, dict)
-        assert version["major"] == 7
         assert (version["major"], version["minor"], version["micro"]) == qemu_version()
         assert "oob" in greeting.QMP.capabilities
 
@@ -292,13 +291,20 @@ async def test_calls_with_tiny_deadlines_do_not_confuse_later_calls(
     bare_qemu: BareQemu,
 ) -> None:
     """Cancel a slow command at whatever point a tiny deadline hits, again and again."""
+    cancelled = 0
     async with open_qmp(bare_qemu.stream) as client:
         for n in range(30):
-            with trio.move_on_after(0.0005 * (n % 10)):
+            with trio.move_on_after(0.0005 * (n % 10)) as scope:
                 await client.cmd("query-qmp-schema")
+            cancelled += scope.cancelled_caught
             got = await client.cmd("human-monitor-command", command_line=f"print {n}")
             assert got == hmp_print(n)
         assert not client.closed
+        assert client.error is None
+    print(f"{cancelled} of 30 schema queries cancelled")
+    # The test means something only if deadlines really cut calls short (those of 0 s
+    # always do, at the wait for the reply, after the request went out).
+    assert cancelled >= 3, cancelled
 
 
 async def test_timeout_raises_qmp_timeout_and_the_next_call_works(bare_qemu: BareQemu) -> None:

@@ -361,7 +361,7 @@ async def test_service_keyboard_interrupt_comes_out_bare() -> None:
     ki = KeyboardInterrupt()
 
     async def service() -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         raise ki
 
     with trio.fail_after(5), pytest.raises(KeyboardInterrupt) as info:
@@ -384,7 +384,7 @@ async def test_service_error_comes_out_in_a_group() -> None:
     """A service's own error (not KeyboardInterrupt) is an internal task's: in a group."""
 
     async def service() -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         raise OSError("service broke")
 
     with trio.fail_after(5), pytest.RaisesGroup(OSError):
@@ -399,7 +399,7 @@ async def test_failure_replaces_a_cancelled_blocks_cancelled() -> None:
     failure: list[BaseException] = []
 
     async def reader(nursery: trio.Nursery) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         failure.append(ConnectionError("the peer went away"))
         nursery.cancel_scope.cancel()
 

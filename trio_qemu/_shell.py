@@ -72,7 +72,7 @@ from ._errors import (
     ShellTimeout,
     copy_error,
 )
-from ._util import LineSplitter
+from ._util import LineSplitter, registered_scope
 
 __all__ = ["SHELL_AGENT_PATH", "SHELL_AGENT_SCRIPT", "GuestResult", "Shell"]
 
@@ -527,12 +527,8 @@ class Shell:
     def _operation(self) -> Iterator[None]:
         """A cancel scope :meth:`close` can cancel; turns that into the close error."""
         self._raise_if_closed()
-        with trio.CancelScope() as scope:
-            self._operations.add(scope)
-            try:
-                yield
-            finally:
-                self._operations.discard(scope)
+        with registered_scope(self._operations) as scope:
+            yield
         if scope.cancelled_caught:
             self._raise_if_closed()
 
@@ -540,12 +536,8 @@ class Shell:
     def _agent_wait(self, what: str) -> Iterator[None]:
         """A cancel scope :meth:`port_closed` can cancel; turns that into a ShellError
         saying the agent is gone, ``what`` saying what was going on."""
-        with trio.CancelScope() as scope:
-            self._agent_waits.add(scope)
-            try:
-                yield
-            finally:
-                self._agent_waits.discard(scope)
+        with registered_scope(self._agent_waits) as scope:
+            yield
         if scope.cancelled_caught:
             raise ShellError(f"{self.name}: the guest shell is gone ({self._gone_reason}) {what}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Final, Generic, Self, TypeVar
@@ -26,12 +26,14 @@ __all__ = [
     "EOF_GRACE",
     "BlockOutcome",
     "BoundedStream",
+    "ClosesOnExit",
     "LineSplitter",
     "ShieldOnStart",
     "keyboard_interrupt_in",
     "only_cancelled",
     "open_service_nursery",
     "publish",
+    "registered_scope",
 ]
 
 T = TypeVar("T")
@@ -192,7 +194,35 @@ class LineSplitter:
             self._on_overflow(head)
 
 
-class BoundedStream(Generic[T]):
+class ClosesOnExit:
+    """Mixin: ``with obj:`` calls ``obj.close()`` on the way out (``close`` is the owner's)."""
+
+    def close(self) -> None:  # pragma: no cover - every user defines it
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def registered_scope(registry: set[trio.CancelScope]) -> Iterator[trio.CancelScope]:
+    """A cancel scope kept in ``registry`` while it is open, so that whoever owns the registry
+    can cancel every such scope at once (e.g. when a channel closes); check
+    ``scope.cancelled_caught`` afterwards to tell that apart."""
+    with trio.CancelScope() as scope:
+        registry.add(scope)
+        try:
+            yield scope
+        finally:
+            registry.discard(scope)
+
+
+class BoundedStream(ClosesOnExit, Generic[T]):
     """A subscriber's bounded stream: the publisher never blocks, overflow is counted.
 
     :meth:`_deliver` (the publisher's side) drops an item when the buffer is full and counts
@@ -265,14 +295,6 @@ class BoundedStream(Generic[T]):
             return await self._next()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     async def __aenter__(self) -> Self:
         return self

@@ -16,17 +16,18 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from .._config import MachineConfig
 from .._errors import NetworkError
 from .._machine import Machine
 from .._openers import open_machines
+from .._util import ClosesOnExit
 from .addressing import (
     _MAC,
     _QEMU_ID,
     PortRef,
+    _lookup,
     _netdev_ids,
     _nic_count,
     _port_name,
@@ -58,7 +59,7 @@ class _Attachment:
     qemu_end: socket.socket | None
 
 
-class _Network:
+class _Network(ClosesOnExit):
     """What :class:`Link` and :class:`Switch` share: attaching machines and fd ownership."""
 
     def __init__(self, name: str) -> None:
@@ -186,14 +187,7 @@ class _Network:
         return list(self._attachments)
 
     def _attachment(self, ref: PortRef) -> _Attachment:
-        name = _port_name(ref)
-        try:
-            return self._attachments[name]
-        except KeyError:
-            raise KeyError(
-                f"{self.name}: no machine {name!r} is attached (attached: "
-                f"{', '.join(self._attachments) or 'none'})"
-            ) from None
+        return _lookup(self._attachments, ref, self.name, "attached machine")
 
     def mac(self, machine: PortRef) -> str:
         """The MAC address of ``machine``'s NIC on this network."""
@@ -267,14 +261,3 @@ class _Network:
     def _check_open(self) -> None:
         if self._closed:
             raise NetworkError(f"{self.name}: the network is closed")
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

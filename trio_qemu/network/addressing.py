@@ -12,8 +12,8 @@ import hashlib
 import ipaddress
 import itertools
 import re
-from collections.abc import Sequence
-from typing import Final, TypeAlias
+from collections.abc import Mapping, Sequence
+from typing import Final, TypeAlias, TypeVar
 
 from .._config import MachineConfig
 from .._machine import Machine
@@ -98,6 +98,19 @@ def _port_name(ref: PortRef) -> str:
             raise ValueError("a MachineConfig without a name names no port")
         return ref.name
     raise TypeError(f"expected a port name, a Machine or a MachineConfig, not {ref!r}")
+
+
+_V = TypeVar("_V")
+
+
+def _lookup(table: Mapping[str, _V], ref: PortRef, owner: str, what: str) -> _V:
+    """``table[name of ref]``; a KeyError that lists the known names otherwise."""
+    name = _port_name(ref)
+    try:
+        return table[name]
+    except KeyError:
+        known = ", ".join(table) or "none"
+        raise KeyError(f"{owner}: no {what} {name!r} (known: {known})") from None
 
 
 def _netdev_ids(args: Sequence[str]) -> set[str]:

@@ -23,8 +23,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
+
+from .._util import ClosesOnExit
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -65,7 +66,7 @@ class PcapRecord:
     """The frame's length on the wire (more than ``len(data)`` if it was cut)."""
 
 
-class PcapWriter:
+class PcapWriter(ClosesOnExit):
     """Append Ethernet frames to a classic pcap file, one ``writev`` per frame.
 
     The file is created (truncated) and its global header written at construction.
@@ -159,17 +160,6 @@ class PcapWriter:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

@@ -30,7 +30,7 @@ from .._errors import NetworkError
 from .._machine import Machine
 from .._util import open_service_nursery
 from ._base import _Network
-from .addressing import PortRef, _port_name
+from .addressing import PortRef, _lookup, _port_name
 from .pcap import DEFAULT_MAX_BYTES, DEFAULT_SNAPLEN, PcapWriter
 
 __all__ = ["Direction", "PortStats", "Switch"]
@@ -235,13 +235,7 @@ class Switch(_Network):
         return [port.name for port in self._port_list]
 
     def _port(self, ref: PortRef) -> _Port:
-        name = _port_name(ref)
-        try:
-            return self._ports[name]
-        except KeyError:
-            raise KeyError(
-                f"{self.name}: no port {name!r} (ports: {', '.join(self._ports) or 'none'})"
-            ) from None
+        return _lookup(self._ports, ref, self.name, "port")
 
     # -- controls ------------------------------------------------------------------------------
     def partition(self, *groups: Collection[PortRef]) -> None:
@@ -278,12 +272,7 @@ class Switch(_Network):
         probability ``(1 - loss) ** 2``. Draws come from the switch's seeded RNG."""
         if not (isinstance(loss, int | float) and 0.0 <= loss <= 1.0):
             raise ValueError(f"loss must be a probability between 0 and 1, not {loss!r}")
-        target = self._port(port)
-        inbound, outbound = _directions(direction)
-        if inbound:
-            target.in_loss = float(loss)
-        if outbound:
-            target.out_loss = float(loss)
+        self._set_per_direction(port, direction, "loss", float(loss))
 
     def set_delay(self, port: PortRef, delay: float, *, direction: Direction = "both") -> None:
         """Delay each frame crossing ``port``'s link in ``direction`` by ``delay`` seconds
@@ -292,12 +281,16 @@ class Switch(_Network):
         through it. Delayed frames wait in the bounded delay line (see the class)."""
         if not (isinstance(delay, int | float) and math.isfinite(delay) and delay >= 0):
             raise ValueError(f"delay must be a finite number of seconds >= 0, not {delay!r}")
+        self._set_per_direction(port, direction, "delay", float(delay))
+
+    def _set_per_direction(self, port: PortRef, direction: str, what: str, value: float) -> None:
+        """Set the port's ``in_<what>`` and/or ``out_<what>`` as ``direction`` says."""
         target = self._port(port)
         inbound, outbound = _directions(direction)
         if inbound:
-            target.in_delay = float(delay)
+            setattr(target, f"in_{what}", value)
         if outbound:
-            target.out_delay = float(delay)
+            setattr(target, f"out_{what}", value)
 
     def set_link(self, port: PortRef, up: bool) -> None:
         """Pull (``up=False``) or plug back in ``port``'s cable at the switch: frames from
