@@ -208,13 +208,10 @@ async def test_console_seabios(tmp_path: Path) -> None:
 
 
 def console_bytes_held(console: trio_qemu.Console) -> int:
-    """How many bytes of output the console holds in memory now.
-
-    Console has no public accessor for this: ``output()`` and ``tail()`` slice what is held
-    down to ``buffer_size``, so they would show the bound even if nothing were ever
-    trimmed. Until Console tells it (e.g. a ``held_bytes`` property), read its ring buffer.
-    """
-    return len(console._buf)
+    """How many bytes of output the console holds in memory now. Not ``output()`` or
+    ``tail()``: they slice what is held down to ``buffer_size``, so they would show the
+    bound even if nothing were ever trimmed."""
+    return console.held_bytes
 
 
 async def test_console_drain_never_stalls_the_guest() -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,9 +47,12 @@ async def prepare(vm: Machine) -> None:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The module's template cache (the tiny guest's template is made once in it)."""
-    return tmp_path_factory.mktemp("snapshot-cache")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The module's template cache (the tiny guest's template is made once in it); removed
+    afterwards (its RAM files are large)."""
+    path = tmp_path_factory.mktemp("snapshot-cache")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -338,6 +343,18 @@ async def test_cancelled_making_leaves_the_cache_consistent(cache_dir: Path) -> 
             BARE, prepare=forever, key="timeout", cache_dir=cache_dir, timeout=0.5
         )
     assert qemu_children() == set() and builds(cache_dir) == []
+
+
+async def test_a_cancelled_clone_leaves_nothing_behind(base: Path) -> None:
+    async with open_template(BARE.replace(base_temp_dir=str(base))) as template:
+        census = Census(base)
+        dirs = set(os.listdir(base))
+        for delay in (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12):
+            with trio.move_on_after(delay):
+                async with open_clone(template, base_temp_dir=base) as vm:
+                    await vm.cmd("query-status")
+                    await trio.sleep_forever()
+            census.check(f"after a clone cancelled at {delay} s", dirs=dirs)
 
 
 async def test_an_incoming_refusal_is_a_template_error(base: Path) -> None:

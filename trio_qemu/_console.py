@@ -144,6 +144,12 @@ class Console:
         return self._total
 
     @property
+    def held_bytes(self) -> int:
+        """How many bytes of output the console holds in memory now: at most twice
+        :attr:`buffer_size` (the ring buffer is trimmed back when it passes that)."""
+        return len(self._buf)
+
+    @property
     def running(self) -> bool:
         """Whether :meth:`run` is draining the stream right now."""
         return self._running

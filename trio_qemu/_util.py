@@ -174,7 +174,11 @@ class LineSplitter:
             if self._skipping:
                 self._skipping = False
             elif nl - start > self._max:
-                self._overflow(bytes(buf[start : start + 200]))
+                head = bytes(buf[start : min(nl, start + 200)])
+                del buf[: nl + 1]  # consistent state even if the overflow handler raises
+                start = scan = 0
+                self._overflow(head)
+                continue
             else:
                 line = bytes(buf[start:nl])
                 if not self._skip_blank or line.strip():
@@ -185,9 +189,9 @@ class LineSplitter:
         if len(buf) > self._max:
             head = bytes(buf[:200])
             buf.clear()
-            if not self._skipping:
+            reported, self._skipping = self._skipping, True
+            if not reported:
                 self._overflow(head)
-            self._skipping = True
 
     def _overflow(self, head: bytes) -> None:
         if self._on_overflow is not None:

@@ -72,7 +72,20 @@ class MachineFactory(Protocol):
         guest: bool = False,
         boot_timeout: float = 120.0,
         **fields: Any,
-    ) -> Machine: ...
+    ) -> Machine:
+        """Launch a machine for this test; it is shut down when the test ends.
+
+        Args:
+            config: the configuration (``fields`` override it).
+            guest: boot the tiny guest (``tiny_guest.config(...)``) and wait until its
+                shell answers.
+            boot_timeout: how long the guest may take to answer, in seconds.
+            **fields: ``MachineConfig`` fields.
+
+        Returns:
+            The running machine.
+        """
+        ...
 
 
 def _pytest_trio_active(config: pytest.Config) -> bool:

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 # The underscored names are private; they are here because tests/test_agent.py imports
 # them from trio_qemu.guest (new code: take them from .scripts and .agent_variant).
+from .._util import publish as _publish
 from .agent_variant import _parse_ldd as _parse_ldd
 from .apt import AGENT_LIBRARY_PACKAGES as AGENT_LIBRARY_PACKAGES
 from .apt import AGENT_PACKAGE as AGENT_PACKAGE
@@ -99,3 +100,5 @@ __all__ = [
     "default_cache_dir",
     "ensure_guest",
 ]
+
+_publish(__name__, globals(), __all__)

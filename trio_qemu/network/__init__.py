@@ -65,6 +65,7 @@ helpers that act on a running machine). Import from ``trio_qemu.network`` itself
 """
 
 from .._errors import NetworkError, NetworkTimeout
+from .._util import publish as _publish
 from ._base import DEFAULT_NIC
 from .addressing import PortRef, mac_address, with_ip
 from .guest import PingResult, parse_ping, ping, set_nic_link, wait_carrier
@@ -92,3 +93,5 @@ __all__ = [
     "wait_carrier",
     "with_ip",
 ]
+
+_publish(__name__, globals(), __all__)

@@ -48,6 +48,7 @@ bookkeeping) and ``client`` (:class:`QtestMachine`'s typed requests and
 """
 
 from .._errors import QtestError, QtestInvalidRequest, QtestProtocolError, QtestTimeout
+from .._util import publish as _publish
 from .channel import MAX_IN_FLIGHT, IrqEvent, IrqSubscription
 from .client import CHARDEV_ID, DEFAULT_MACHINE, QtestMachine, open_qtest_machine, qtest_args
 from .protocol import COMMANDS, MAX_TRANSFER, check_line
@@ -69,3 +70,5 @@ __all__ = [
     "open_qtest_machine",
     "qtest_args",
 ]
+
+_publish(__name__, globals(), __all__)

@@ -179,9 +179,10 @@ async def _save(vm: Machine, state: Path) -> None:
 def _finish(
     directory: Path, config: MachineConfig, sig: dict[str, Any], key: str, made_in: float
 ) -> None:
-    """Make the RAM file read-only, record both files' stamps, write the manifest."""
+    """Make the files read-only, record their stamps, write the manifest."""
     ram = directory / RAM_FILE
     os.chmod(ram, ram_mode(str(sig["version"])))
+    os.chmod(directory / STATE_FILE, 0o444)
     info = os.stat(ram)
     if info.st_size != memory_bytes(config.memory):
         raise TemplateError(
