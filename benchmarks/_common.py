@@ -2,13 +2,19 @@
 
 - :func:`running_qemu` starts ``qemu-system-x86_64 -machine none`` with one or more QMP
   monitors, each on a socketpair (no paths, no ports), and kills it by pid on the way out.
+- :func:`interleave` runs the variants of a comparison in rounds (every variant once per
+  round, the order reversed every other round) after uncounted warm-up rounds, so a machine
+  whose load drifts during a run disturbs every variant alike; :func:`paired_ratio` is the
+  median over rounds of the ratio of two variants measured in the same round.
 - :func:`median`, :func:`ratio`, :func:`print_table` and :func:`print_ratios` print results.
-- :func:`write_results` saves them as ``benchmarks/results/<name>.json``.
+- :func:`write_results` saves them as ``benchmarks/results/<name>.json`` (or in
+  ``$TRIO_QEMU_BENCH_RESULTS`` when that is set: ``run_all.py --keep-results`` uses it).
 - :func:`quiet_logging` puts every logger at WARNING, so no client pays for debug output.
 - :func:`peer_process` runs one of :mod:`_peers`' fast peers in a process of its own on a
   socketpair, and ends it by pid on the way out.
-- :func:`rss_bytes`, :func:`cpu_model`, :func:`loadavg` and :func:`accelerator` describe the
-  machine and the run; :func:`environment` records them with every result.
+- :func:`rss_bytes`, :func:`cpu_model`, :func:`loadavg`, :func:`accelerator` and
+  :func:`git_state` describe the machine, the code and the run; :func:`environment` records
+  them with every result.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -26,12 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "BASE_ARGS",
@@ -40,8 +47,12 @@ __all__ = [
     "accelerator",
     "cpu_model",
     "environment",
+    "git_state",
+    "interleave",
+    "interleave_note",
     "loadavg",
     "median",
+    "paired_ratio",
     "peer_process",
     "print_ratios",
     "print_table",
@@ -53,7 +64,10 @@ __all__ = [
     "write_results",
 ]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(
+    os.environ.get("TRIO_QEMU_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
+ROOT = Path(__file__).resolve().parent.parent
 PEERS = Path(__file__).resolve().parent / "_peers.py"
 
 #: ``-machine none``: no guest, no devices; QMP answers ~25 ms after start.
@@ -182,12 +196,75 @@ def quiet_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+def interleave(
+    keys: Sequence[K],
+    rounds: int,
+    run: Callable[[K], T],
+    *,
+    warmup: int = 1,
+    warmup_run: Callable[[K], object] | None = None,
+    say: Callable[[str], None] | None = None,
+) -> dict[K, list[T]]:
+    """Run every variant once per round, ``rounds`` times, after ``warmup`` uncounted rounds.
+
+    The order is ``keys`` in even rounds and reversed in odd ones (A B C, C B A, A B C, ...),
+    so over any two rounds every variant has the same mean position: a load that drifts
+    during the run (other work on the machine) falls on every variant alike, and variants
+    measured in the same round saw about the same machine (see :func:`paired_ratio`).
+    Warm-up rounds (page cache, imports, first connections) use ``warmup_run`` when given
+    (e.g. a smaller size), else ``run``. Returns the counted results per key, in round
+    order: index ``i`` of every list comes from round ``i``.
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError("need rounds >= 1 and warmup >= 0")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate variant keys: {keys!r}")
+    out: dict[K, list[T]] = {key: [] for key in keys}
+    for index in range(warmup + rounds):
+        counted = index >= warmup
+        order = list(keys) if (index - warmup) % 2 == 0 else list(reversed(keys))
+        if say is not None:
+            what = f"round {index - warmup + 1}/{rounds}" if counted else (
+                f"warm-up round {index + 1}/{warmup} (not counted)")  # fmt: skip
+            say(f"  {what}: {', '.join(map(str, order))}")
+        for key in order:
+            if counted:
+                out[key].append(run(key))
+            else:
+                (warmup_run or run)(key)
+    return out
+
+
+def interleave_note(rounds: int, warmup: int = 1) -> str:
+    """How :func:`interleave` ran the variants, for a benchmark's output and results."""
+    return (
+        f"variants interleaved: {rounds} round(s), each running every variant once (order "
+        f"reversed every other round), after {warmup} uncounted warm-up round(s); "
+        "ratios are the median over rounds of the ratio within a round"
+    )
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over rounds of ``a[i] / b[i]`` (both measured in round ``i``, back to back).
+
+    Pairs with a missing or zero value are skipped; NaN when none is left.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"unpaired samples: {len(a)} against {len(b)}")
+    values = [x / y for x, y in zip(a, b, strict=True) if y and math.isfinite(x / y)]
+    return median(values) if values else float("nan")
 
 
 def print_table(rows: Sequence[tuple[str, float, Sequence[float]]], unit: str = "ops/s") -> None:
@@ -287,6 +364,38 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def git_state() -> dict[str, Any]:
+    """The commit measured (``git rev-parse --short HEAD``) and whether the tree was dirty.
+
+    ``dirty_paths`` lists what ``git status --porcelain`` shows (tracked changes and
+    untracked files); ``library_dirty`` says whether any of them is under ``trio_qemu/``.
+    """
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None, "library_dirty": None, "dirty_paths": []}
+    paths = [line[3:] for line in status.splitlines() if line.strip()]
+    return {
+        "commit": head or None,
+        "dirty": bool(paths),
+        "library_dirty": any(p.startswith("trio_qemu/") for p in paths),
+        "dirty_paths": paths,
+    }  # fmt: skip
+
+
 def environment() -> dict[str, Any]:
     """Where the numbers come from."""
     try:
@@ -308,6 +417,7 @@ def environment() -> dict[str, Any]:
         "trio": _version("trio"),
         "qemu.qmp": _version("qemu.qmp"),
         "trio-qemu": _version("trio-qemu"),
+        "git": {k: v for k, v in git_state().items() if k != "dirty_paths"},
     }
 
 

@@ -1,11 +1,14 @@
 """Boot to shell of the tiny guest: trio_qemu against raw QEMU with the same command line.
 
-    .venv/bin/python benchmarks/boot.py [--quick] [--n 5] [--round-trips 200]
+    .venv/bin/python benchmarks/boot.py [--quick] [--n 5] [--round-trips 200] [--warmup 1]
 
 Both sides boot ``trio_qemu.guest``'s tiny guest (``ensure_guest()``, built once and cached)
 with ``image.config()``: q35, 256 MiB, the accelerator ``accel="auto"`` picks (printed), the
-serial console and the guest-shell channel on socketpairs. Runs alternate raw, trio_qemu,
-raw, ... ``--n`` times each; figures are medians.
+serial console and the guest-shell channel on socketpairs: the same work on both sides.
+The two sides are interleaved (``_common.interleave``): ``--n`` rounds of one boot each,
+raw first in odd rounds and trio_qemu first in even ones, after ``--warmup`` uncounted
+rounds (page cache: the kernel and initrd are read on the first boot). Figures are medians;
+a ratio is the median over rounds of the ratio of the two boots of a round.
 
 - raw: ``subprocess.Popen`` of exactly the argv trio_qemu builds (``config.argv(fds)`` with
   our own socketpairs), then one ``selectors`` loop reading the console until
@@ -19,9 +22,6 @@ raw, ... ``--n`` times each; figures are medians.
   (after 5 untimed) ``--round-trips`` ``vm.shell.run("true")`` and as many raw ``R``
   requests written to ``vm.channel("shell")`` directly (Shell's own cost, in the same VM),
   in alternating blocks; teardown is leaving the block (``quit``, reaped, files removed).
-
-Without ``--quick`` one raw boot runs first, uncounted (page cache), and the order of the
-two sides alternates per boot.
 
 Times are from just before the process is spawned. "Marker" is the console's ready line
 (``/init`` prints it); "shell" is the shell agent answering, a little later (busybox
@@ -47,7 +47,15 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, print_ratios, quiet_logging, ratio, write_results
+from _common import (
+    interleave,
+    interleave_note,
+    median,
+    paired_ratio,
+    print_ratios,
+    quiet_logging,
+    write_results,
+)
 
 import trio_qemu
 from trio_qemu import ChannelFds, GuestImage, MachineConfig
@@ -246,28 +254,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: prove it runs")
     parser.add_argument("--n", type=int, help="boots per side (default 5)")
     parser.add_argument("--round-trips", type=int, help="shell round trips (default 200)")
+    parser.add_argument("--warmup", type=int, default=1, help="uncounted rounds (default 1)")
     options = parser.parse_args(argv)
     n = options.n or (1 if options.quick else 5)
     round_trips = options.round_trips or (20 if options.quick else 200)
+    warmup: int = options.warmup
     quiet_logging()
 
     print("preparing the tiny guest (ensure_guest) ...", flush=True)
     image: GuestImage = trio.run(trio_qemu.ensure_guest)
     config = image.config()
     accel = trio_qemu.resolve_accel(config.accel)
+    note = interleave_note(n, warmup)
     print(f"boot to shell: tiny guest, accelerator {accel}, {n} boot(s) per side, "
-          f"{round_trips} shell round trips per boot")  # fmt: skip
-    if not options.quick:
-        print("  warm-up boot (raw, not counted) ...", flush=True)
-        raw_boot(config, 0)
-    samples: dict[str, list[Boot]] = {"raw": [], "trio": []}
-    for i in range(n):
-        for side in ("raw", "trio") if i % 2 == 0 else ("trio", "raw"):
-            print(f"  boot {i + 1}/{n}: {side} ...", flush=True)
-            if side == "raw":
-                samples["raw"].append(raw_boot(config, round_trips))
-            else:
-                samples["trio"].append(trio.run(trio_boot, config, round_trips))
+          f"{round_trips} shell round trips per boot; same argv on both sides; "
+          f"{note}")  # fmt: skip
+
+    def boot(side: str, trips: int) -> Boot:
+        if side == "raw":
+            return raw_boot(config, trips)
+        return trio.run(trio_boot, config, trips)
+
+    samples: dict[str, list[Boot]] = interleave(
+        ["raw", "trio"], n, lambda side: boot(side, round_trips),
+        warmup=warmup, warmup_run=lambda side: boot(side, min(round_trips, 10)),
+        say=lambda line: print(line, flush=True),
+    )  # fmt: skip
 
     med: dict[str, dict[str, float]] = {
         side: {f: median([getattr(b, f) for b in boots]) for f in Boot.__dataclass_fields__}
@@ -281,22 +293,29 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['round_trips_per_s']:8.1f} {m['teardown'] * 1000:12.1f}")  # fmt: skip
     print(f"  raw protocol on trio_qemu's shell channel: "
           f"{med['trio']['channel_round_trips_per_s']:.1f} true/s")  # fmt: skip
+
+    def paired(field: str, other: str = "raw", other_field: str | None = None) -> float:
+        return paired_ratio([getattr(b, field) for b in samples["trio"]],
+                            [getattr(b, other_field or field) for b in samples[other]])  # fmt: skip
+
     ratios = {
-        "boot to shell trio/raw": ratio(med["trio"]["shell"], med["raw"]["shell"]),
-        "boot to marker trio/raw": ratio(med["trio"]["marker"], med["raw"]["marker"]),
-        "shell round trips trio/raw": ratio(med["trio"]["round_trips_per_s"],
-                                            med["raw"]["round_trips_per_s"]),
-        "Shell.run / raw protocol, same VM": ratio(med["trio"]["round_trips_per_s"],
-                                                   med["trio"]["channel_round_trips_per_s"]),
-        "teardown trio/raw": ratio(med["trio"]["teardown"], med["raw"]["teardown"]),
+        "boot to shell trio/raw": paired("shell"),
+        "boot to marker trio/raw": paired("marker"),
+        "shell round trips trio/raw": paired("round_trips_per_s"),
+        "Shell.run / raw protocol, same VM": paired("round_trips_per_s", "trio",
+                                                    "channel_round_trips_per_s"),
+        "teardown trio/raw": paired("teardown"),
     }  # fmt: skip
-    print("\nratios of medians (times: lower is faster; round trips: higher is faster):")
+    print("\nratios, median over rounds of the ratio within a round (times: lower is faster; "
+          "round trips: higher is faster):")  # fmt: skip
     print_ratios(ratios)
     print(f"\ntarget: boot to shell trio/raw <= {TARGET_RATIO}: measured "
           f"{ratios['boot to shell trio/raw']:.3f}")  # fmt: skip
     argv_shown = config.argv()
     path = write_results(NAME, {
-        "params": {"n": n, "round_trips": round_trips, "quick": options.quick},
+        "params": {"n": n, "round_trips": round_trips, "warmup": warmup,
+                   "quick": options.quick},
+        "method": note,
         "accel": accel,
         "argv": argv_shown,
         "target_ratio": TARGET_RATIO,

@@ -4,8 +4,11 @@
 
 Every VM is ``-machine none -nodefaults -display none -vga none -accel tcg`` with QMP on a
 socketpair (as in ``lifecycle.py``). A run launches ``--vms`` of them until each answers
-QMP ("ready"), then tears them all down; the figures are the medians of ``--repeat`` runs,
-in seconds for all VMs together.
+QMP ("ready"), then tears them all down: the same work for every variant. The figures are
+the medians of ``--repeat`` runs, in seconds for all VMs together. The variants are
+interleaved (``_common.interleave``): each round runs every variant once, the order
+reversed every other round, after one uncounted warm-up round; a ratio is the median over
+rounds of the ratio of two variants in the same round.
 
 - trio_qemu concurrent: ``async with open_machines(*configs)``: every launch at once, every
   teardown at once.
@@ -42,11 +45,13 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    interleave,
+    interleave_note,
     median,
+    paired_ratio,
     print_ratios,
     qemu_binary,
     quiet_logging,
-    ratio,
     rss_bytes,
     write_results,
 )
@@ -192,12 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                         lambda: serial(seed_cycle, count)),
         "raw_serial": ("raw Popen + socket, serial", lambda: serial(raw_cycle, count)),
     }  # fmt: skip
-    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
-    print(f"{count} x -machine none: launch to ready + teardown, median of {repeat} run(s)")
-    for _ in range(repeat):
-        for key, (label, run) in runners.items():
-            print(f"  running {label} ...", flush=True)
-            samples[key].append(run())
+    note = interleave_note(repeat, 1)
+    print(f"{count} x -machine none: launch to ready + teardown, median of {repeat} run(s); "
+          f"every variant the same {count} machines; {note}")  # fmt: skip
+    samples: dict[str, list[tuple[float, float]]] = interleave(
+        list(runners), repeat, lambda key: runners[key][1](),
+        say=lambda line: print(line, flush=True),
+    )  # fmt: skip
     med = {k: {"launch_s": median([a for a, _ in v]), "teardown_s": median([b for _, b in v]),
                "total_s": median([a + b for a, b in v])} for k, v in samples.items()}  # fmt: skip
     print(f"\n  {'':42} {'launch s':>9} {'teardown s':>11} {'total s':>8}")
@@ -222,17 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  RSS:    {many_r / count / 1024:8.1f} KiB per VM "
           f"({(many_r - one_r) / (count - 1) / 1024:.1f} KiB marginal)")  # fmt: skip
 
-    total = {k: m["total_s"] for k, m in med.items()}
+    def paired(a: str, b: str) -> float:
+        return paired_ratio([x + y for x, y in samples[a]], [x + y for x, y in samples[b]])
+
     ratios = {
-        "concurrent/serial trio (time)": ratio(total["trio_concurrent"], total["trio_serial"]),
-        "concurrent trio/raw (time)": ratio(total["trio_concurrent"], total["raw_concurrent"]),
-        "serial trio/seed (time)": ratio(total["trio_serial"], total["seed_serial"]),
-        "serial trio/raw (time)": ratio(total["trio_serial"], total["raw_serial"]),
+        "concurrent/serial trio (time)": paired("trio_concurrent", "trio_serial"),
+        "concurrent trio/raw (time)": paired("trio_concurrent", "raw_concurrent"),
+        "serial trio/seed (time)": paired("trio_serial", "seed_serial"),
+        "serial trio/raw (time)": paired("trio_serial", "raw_serial"),
     }
-    print("\nratios of medians (time, lower is faster):")
+    print("\nratios of total time, median over rounds of the ratio within a round (lower is "
+          "faster):")  # fmt: skip
     print_ratios(ratios)
     path = write_results(NAME, {
         "params": {"vms": count, "repeat": repeat, "quick": options.quick},
+        "method": note,
         "argv": ARGS,
         "median": med,
         "samples": {k: [list(s) for s in v] for k, v in samples.items()},

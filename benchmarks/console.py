@@ -4,8 +4,13 @@
 
 A peer process (``_peers.py console``) holds one end of a socketpair; on a "go" byte it
 writes ``--mib`` MiB of printable console text, 64 KiB per ``sendall``, as fast as it can,
-ending with a marker, then closes. Each run is timed from sending "go" to end of file; the
-figure is MB/s (10^6 bytes per second), the median of ``--repeat`` runs.
+ending with a marker, then closes. Every variant reads the same stream to its end. Each run
+is timed from sending "go" to end of file; the figure is MB/s (10^6 bytes per second), the
+median of ``--repeat`` runs. The variants are interleaved (``_common.interleave``): each
+round runs every variant once, the order reversed every other round, after one uncounted
+warm-up round (an eighth of the size); a ratio is the median over rounds of the ratio of
+two variants in the same round. The raw readers do less than ``Console.run`` (no ring
+buffer, no waiters): they are the limits of the same I/O path, not competitors.
 
 - raw blocking ``recv_into``: a plain blocking loop into one buffer (the limit here).
 - raw Trio ``receive_some(65536)``: the same I/O path ``Console.run`` uses, bytes counted.
@@ -39,7 +44,16 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, peer_process, print_ratios, quiet_logging, ratio, write_results
+from _common import (
+    interleave,
+    interleave_note,
+    median,
+    paired_ratio,
+    peer_process,
+    print_ratios,
+    quiet_logging,
+    write_results,
+)
 
 from trio_qemu import Console
 
@@ -176,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         Variant("wait_regex", "Console.run + wait_for(compiled regex)"),
     ]
     by_key = {v.key: v for v in variants}
-    print(f"console drain: {mib} MiB per run from a socketpair peer, median of {repeat} run(s)")
+    note = interleave_note(repeat, 1)
+    print(f"console drain: {mib} MiB per run from a socketpair peer, median of {repeat} "
+          f"run(s); every variant reads the same stream; {note}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="trio-qemu-bench-") as tmp:
         log_path = os.path.join(tmp, "console.log")
         runners: dict[str, Callable[[socket.socket], tuple[int, float, float | None]]] = {
@@ -188,43 +204,56 @@ def main(argv: list[str] | None = None) -> int:
             "wait_literal": lambda s: trio.run(console_drain, s, None, MARKER),
             "wait_regex": lambda s: trio.run(console_drain, s, None, MARKER_RE),
         }
-        for _ in range(repeat):
-            for key, run in runners.items():
-                print(f"  running {key} ...", flush=True)
-                with peer_process("console", total, CHUNK, MARKER.hex()) as (proc, sock):
-                    nbytes, seconds, found = run(sock)
-                    sent = _marker_time(proc)
-                if nbytes != total:
-                    raise RuntimeError(f"{key}: read {nbytes} of {total} bytes")
-                latency = None if found is None else found - sent
-                if key in ("raw_search", "wait_literal", "wait_regex") and latency is None:
-                    raise RuntimeError(f"{key}: the marker was not found")
-                by_key[key].runs.append(Run(nbytes, seconds, latency))
-                if os.path.exists(log_path):
-                    if key == "console_log" and os.path.getsize(log_path) != total:
-                        raise RuntimeError("console_log: the log file is incomplete")
-                    os.unlink(log_path)
+
+        def one(key: str, size: int) -> Run:
+            with peer_process("console", size, CHUNK, MARKER.hex()) as (proc, sock):
+                nbytes, seconds, found = runners[key](sock)
+                sent = _marker_time(proc)
+            if nbytes != size:
+                raise RuntimeError(f"{key}: read {nbytes} of {size} bytes")
+            latency = None if found is None else found - sent
+            if key in ("raw_search", "wait_literal", "wait_regex") and latency is None:
+                raise RuntimeError(f"{key}: the marker was not found")
+            if os.path.exists(log_path):
+                if key == "console_log" and os.path.getsize(log_path) != size:
+                    raise RuntimeError("console_log: the log file is incomplete")
+                os.unlink(log_path)
+            return Run(nbytes, seconds, latency)
+
+        # the warm-up round reads an eighth of the size: enough to warm caches and imports
+        runs = interleave(list(runners), repeat, lambda key: one(key, total),
+                          warmup_run=lambda key: one(key, max(total // 8, 2**20)),
+                          say=lambda line: print(line, flush=True))  # fmt: skip
+        for key, values in runs.items():
+            by_key[key].runs = values
 
     print()
     for v in variants:
         shown = f"   marker latency {v.latency_ms:8.2f} ms" if v.latency_ms is not None else ""
         print(f"  {v.label:<50} {v.mb_s:9,.0f} MB/s{shown}")
     mb = {v.key: v.mb_s for v in variants}
-    lat = {v.key: v.latency_ms for v in variants}
+
+    def rate(a: str, b: str) -> float:
+        return paired_ratio([r.mb_s for r in by_key[a].runs], [r.mb_s for r in by_key[b].runs])
+
+    def latency(a: str, b: str) -> float:
+        return paired_ratio([r.latency or 0.0 for r in by_key[a].runs],
+                            [r.latency or 0.0 for r in by_key[b].runs])  # fmt: skip
+
     ratios = {
-        "Console.run / raw Trio": ratio(mb["console"], mb["raw_trio"]),
-        "Console.run / raw blocking": ratio(mb["console"], mb["raw_blocking"]),
-        "Console.run + log / raw Trio": ratio(mb["console_log"], mb["raw_trio"]),
-        "wait_for(bytes) latency / raw search": ratio(lat["wait_literal"] or 0,
-                                                      lat["raw_search"] or 0),
-        "wait_for(regex) latency / raw search": ratio(lat["wait_regex"] or 0,
-                                                      lat["raw_search"] or 0),
-    }  # fmt: skip
-    print("\nratios (throughput: higher is faster; latency: lower is faster):")
+        "Console.run / raw Trio": rate("console", "raw_trio"),
+        "Console.run / raw blocking": rate("console", "raw_blocking"),
+        "Console.run + log / raw Trio": rate("console_log", "raw_trio"),
+        "wait_for(bytes) latency / raw search": latency("wait_literal", "raw_search"),
+        "wait_for(regex) latency / raw search": latency("wait_regex", "raw_search"),
+    }
+    print("\nratios, median over rounds of the ratio within a round (throughput: higher is "
+          "faster; latency: lower is faster):")  # fmt: skip
     print_ratios(ratios)
     print(f"\ntarget >= {TARGET_MB_S:.0f} MB/s (Console.run): measured {mb['console']:,.0f}")
     path = write_results(NAME, {
         "params": {"mib": mib, "repeat": repeat, "chunk": CHUNK, "quick": options.quick},
+        "method": note,
         "unit": "MB/s (10^6 bytes/s)",
         "target_mb_per_s": TARGET_MB_S,
         "results": {v.key: v.as_json() for v in variants},

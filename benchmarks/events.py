@@ -1,40 +1,54 @@
 """Event pump throughput: trio_qemu's QMP reader and fan-out against raw readers.
 
     .venv/bin/python benchmarks/events.py [--quick] [--n 500000] [--repeat 3] [--seconds 3]
+        [--mem-n 25000] [--mem-repeat 2] [--pairs 2000] [--parts fake,memory,real]
+
+Every part interleaves its variants (``_common.interleave``): each round runs every variant
+once, the order reversed every other round, after one uncounted warm-up round (a tenth of
+the size, or a shorter window). Figures are medians over rounds; a ratio of rates is the
+median over rounds of the ratio of two variants measured in the same round, so a load that
+drifts during the run (or QEMU's own event rate, which moves with it) falls on both.
 
 Part A, a flooding fake QMP peer (``_peers.py events``) in a process of its own: after the
 handshake and one "go" command it writes ``--n`` pre-encoded ``GUEST_CRASHLOADED`` events
-(byte for byte what QEMU sends) in 128 KiB ``sendall`` calls and then EOF. The peer is far
-faster than any Python reader, so each figure is how fast that reader parses and fans out.
-Every run is timed from sending "go" to the last consumer reaching the end; the figure is
-events/s (``--n`` / time), the median of ``--repeat`` runs.
+(byte for byte what QEMU sends) in 128 KiB ``sendall`` calls and then EOF. Every variant
+reads the same stream to its end. The peer is far faster than any Python reader, so each
+figure is how fast that reader parses and fans out. Every run is timed from sending "go"
+to the last consumer reaching the end; the figure is events/s (``--n`` / time).
 
 - raw line count: a Trio task reading the fd (``os.read`` + ``wait_readable``, as
   trio_qemu's reader does) and counting newlines: the limit for any reader in this process.
 - raw split + json.loads: the same, plus splitting lines and ``json.loads`` of each: the
-  floor for a reader that decodes every event.
+  floor for a reader that decodes every event. Both raw readers do less than trio_qemu
+  (no routing, no fan-out): they are limits, not competitors.
 - trio_qemu: ``open_qmp`` on the socket, with 0 matching subscribers (reader, decode and
-  publish only), 1 subscriber and 4 subscribers. A consumer either drains in batches
-  (``await receive()`` then ``receive_nowait()`` until ``WouldBlock``) or calls
-  ``receive()`` per event (``async for``); the latter yields to the scheduler once per event,
-  so in a flood it falls behind and its bounded buffer drops (counted, not lost silently).
+  publish only), 1 and 4 subscribers with the default buffer (2048), and 1 subscriber whose
+  buffer holds every event (``n + 1``: nothing can be dropped). A consumer either drains in
+  batches (``await receive()`` then ``receive_nowait()`` until ``WouldBlock``) or calls
+  ``receive()`` per event (``async for``); the latter yields to the scheduler once per
+  event, so in a flood it falls behind and its bounded buffer drops (counted and printed).
 - qemu.qmp: its asyncio ``QMPClient`` with an ``EventListener`` (debug formatting hooks
-  disabled, as in ``qmp_throughput.py``), the consumer reading until ``BENCH_END``.
+  disabled, as in ``qmp_throughput.py``), the consumer reading until ``BENCH_END``. Its
+  queue is unbounded, so it is compared with the trio_qemu subscriber that keeps every
+  event: both deliver all ``--n`` events to one consumer (checked), the same work.
 
-Part A also checks memory while a slow subscriber (1 ms per event, default buffer 256)
-falls behind: ``tracemalloc`` peak above the start for ``--mem-n`` and 4x as many events.
-trio_qemu's peak should not grow with the count (the excess is dropped and counted);
-qemu.qmp's listener queues and its history keep every event.
+Part A also measures memory (``tracemalloc`` peak above the start) while ``--mem-n`` and
+4x as many events reach a subscriber that reads nothing until the flood has ended. The
+same work on both sides: trio_qemu with a buffer of ``n + 1`` and qemu.qmp's
+``EventListener`` (its queue and its history) both keep every event, and the figure is
+what holding them costs. A third row, trio_qemu's default buffer (2048), keeps 2048 and
+drops the rest (counted): its peak should not grow with the count. It has no qemu.qmp
+counterpart (qemu.qmp has no bounded listener).
 
 Part B, a real QEMU: ``-machine q35 -device pvpanic`` with a 64 KiB ``-bios`` whose reset
 vector loops writing 2 to port 0x505, so QEMU emits ``GUEST_CRASHLOADED`` as fast as TCG
-runs the loop (about 150,000/s measured on the reference machine). QEMU starts paused
-(``-S``); the reader subscribes, sends ``cont``, waits ``--seconds``, sends ``stop`` and
-awaits its reply: the reply comes after every event emitted before it, so when it arrives
-all of them were read. events/s = events / (time from ``cont`` to the ``stop`` reply); a
-reader that keeps pace shows about QEMU's own rate, the raw blocking reader's figure, and
-QEMU's RSS stays flat (QEMU buffers unread monitor output without bound). Then a
-``-machine none`` QEMU and ``stop``/``cont`` in a loop (two events per pair, ``--pairs``).
+runs the loop. QEMU starts paused (``-S``); the reader subscribes, sends ``cont``, waits
+``--seconds``, sends ``stop`` and awaits its reply: the reply comes after every event
+emitted before it, so when it arrives all of them were read. events/s = events / (time
+from ``cont`` to the ``stop`` reply); a reader that keeps pace shows about QEMU's own rate,
+the raw blocking reader's figure in the same round, and QEMU's RSS stays flat (QEMU buffers
+unread monitor output without bound). Then a ``-machine none`` QEMU and ``stop``/``cont``
+in a loop (two events per pair, ``--pairs``), raw and trio_qemu interleaved the same way.
 
 Results go to ``benchmarks/results/events.json``. Nothing here asserts a speed.
 """
@@ -43,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import socket
@@ -51,10 +66,8 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +76,10 @@ from qemu.qmp import EventListener
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    interleave,
+    interleave_note,
     median,
+    paired_ratio,
     peer_process,
     print_ratios,
     qemu_binary,
@@ -76,7 +92,14 @@ from _peers import END_EVENT, EVENT_NAME
 from qmp_throughput import QuietQMPClient
 
 import trio_qemu
-from trio_qemu import ChannelFds, EventsDropped, MachineConfig, Subscription, open_qmp
+from trio_qemu import (
+    ChannelFds,
+    EventsDropped,
+    MachineConfig,
+    QMPClient,
+    Subscription,
+    open_qmp,
+)
 
 NAME = "events"
 #: The reset vector: mov dx,0x505; mov al,2; out dx,al; jmp back to the out.
@@ -84,11 +107,13 @@ RESET_VECTOR = bytes.fromhex("BA0505B002EEEBF8")
 BIOS_SIZE = 64 * 1024
 NONE_ARGS = ["-machine", "none", "-nodefaults", "-accel", "tcg"]
 TARGET_EVENTS = 100_000
-#: A subscription buffer above two 64 KiB reads' worth of events (~540 each of QEMU's 121-byte
-#: ``GUEST_CRASHLOADED``): the reader publishes a whole read before a consumer can run.
-BIG_BUFFER = 2048
-#: The fake-peer run whose buffer holds every event uses at most this many.
-EACH_N_MAX = 100_000
+#: trio_qemu's default subscription buffer (``open_qmp``'s ``event_buffer``, the same as
+#: ``MachineConfig.event_buffer``), read from the code so the label can't go stale. It is above
+#: two 64 KiB reads' worth of events (~540 each of QEMU's 121-byte ``GUEST_CRASHLOADED``): the
+#: reader publishes a whole read before a consumer can run.
+BIG_BUFFER: int = inspect.signature(QMPClient.__init__).parameters["event_buffer"].default
+if MachineConfig().event_buffer != BIG_BUFFER:  # pragma: no cover - a library change
+    raise SystemExit("open_qmp and MachineConfig disagree on the default event buffer")
 
 
 # -- results -------------------------------------------------------------------------------
@@ -136,7 +161,7 @@ class Variant:
 
     def summary(self) -> str:
         if not self.runs:
-            return f"  {self.label:<58} (not run)"
+            return f"  {self.label:<66} (not run)"
         last = self.runs[-1]
         subs = ""
         if last.delivered:
@@ -145,7 +170,7 @@ class Variant:
             subs = f"  delivered/dropped per subscriber: {pairs}"
         extra = "".join(f"  {k} {v}" for k, v in last.extra.items()
                         if k.startswith("qemu_rss") or k == "lag_s")  # fmt: skip
-        return f"  {self.label:<58} {self.rate:>12,.0f} events/s{subs}{extra}"
+        return f"  {self.label:<66} {self.rate:>12,.0f} events/s{subs}{extra}"
 
 
 # -- consumers -----------------------------------------------------------------------------
@@ -299,109 +324,139 @@ def fake_variants() -> list[Variant]:
         Variant("trio_0", "trio_qemu, no matching subscriber (reader + publish)"),
         Variant("trio_1_batch", f"trio_qemu, 1 subscriber, batch drain, buffer {BIG_BUFFER}"),
         Variant("trio_4_batch", f"trio_qemu, 4 subscribers, batch drain, buffer {BIG_BUFFER}"),
-        Variant("trio_1_batch_256", "trio_qemu, 1 subscriber, batch drain, buffer 256"),
-        Variant("trio_1_each", "trio_qemu, 1 subscriber, receive() per event, buffer 256"),
-        Variant(
-            "trio_1_each_n",
-            f"trio_qemu, 1 subscriber, receive() per event, buffer n (n <= {EACH_N_MAX:,})",
-        ),
-        Variant("asyncio", "qemu.qmp asyncio QMPClient + EventListener"),
+        Variant("trio_1_all", "trio_qemu, 1 subscriber, batch drain, buffer n+1 (keeps all)"),
+        Variant("trio_1_each", f"trio_qemu, 1 subscriber, receive() each, buffer {BIG_BUFFER}"),
+        Variant("asyncio", "qemu.qmp asyncio QMPClient + EventListener (keeps all)"),
     ]
 
 
-def run_fake(variants: dict[str, Variant], n: int, repeat: int) -> None:
-    for _ in range(repeat):
-        for key, variant in variants.items():
-            # buffer n holds every event at once: fewer of them, so memory stays modest
-            count = min(n, EACH_N_MAX) if key == "trio_1_each_n" else n
-            print(f"  running {key} ...", flush=True)
-            with peer_process("events", count) as (_proc, sock):
-                if key in ("raw_count", "raw_json"):
-                    lines, seconds = trio.run(raw_fake, sock, key == "raw_json")
-                    if lines < count:
-                        raise RuntimeError(f"{key}: {lines} lines for {count} events")
-                    variant.runs.append(Run(count, seconds))
-                elif key == "asyncio":
-                    seconds, got = asyncio.run(asyncio_fake(sock))
-                    variant.runs.append(Run(count, seconds, [got], [0]))
-                else:
-                    subs = {"trio_0": 0, "trio_4_batch": 4}.get(key, 1)
-                    batch = "_batch" in key or key == "trio_0"
-                    buffer = {"trio_1_batch_256": 256, "trio_1_each": 256,
-                              "trio_1_each_n": count + 1}.get(key, BIG_BUFFER)  # fmt: skip
-                    seconds, delivered, dropped = trio.run(trio_fake, sock, subs, batch, buffer)
-                    variant.runs.append(Run(count, seconds, delivered, dropped, {"buffer": buffer}))
-                    for d, x in zip(delivered, dropped, strict=True):
-                        if d + x != count + 1:  # + the end event
-                            raise RuntimeError(f"{key}: {d} delivered + {x} dropped != {count}+1")
+def fake_run(key: str, count: int) -> Run:
+    """One run of variant ``key`` against a fresh peer flooding ``count`` events."""
+    with peer_process("events", count) as (_proc, sock):
+        if key in ("raw_count", "raw_json"):
+            lines, seconds = trio.run(raw_fake, sock, key == "raw_json")
+            if lines < count:
+                raise RuntimeError(f"{key}: {lines} lines for {count} events")
+            return Run(count, seconds)
+        if key == "asyncio":
+            seconds, got = asyncio.run(asyncio_fake(sock))
+            if got != count + 1:  # + the end event
+                raise RuntimeError(f"asyncio: {got} events of {count}+1")
+            return Run(count, seconds, [got], [0])
+        subs = {"trio_0": 0, "trio_4_batch": 4}.get(key, 1)
+        batch = key != "trio_1_each"
+        buffer = count + 1 if key == "trio_1_all" else BIG_BUFFER
+        seconds, delivered, dropped = trio.run(trio_fake, sock, subs, batch, buffer)
+    for d, x in zip(delivered, dropped, strict=True):
+        if d + x != count + 1:  # + the end event
+            raise RuntimeError(f"{key}: {d} delivered + {x} dropped != {count}+1")
+    if key == "trio_1_all" and any(dropped):
+        raise RuntimeError(f"trio_1_all dropped {dropped} with a buffer of {buffer}")
+    return Run(count, seconds, delivered, dropped, {"buffer": buffer})
 
 
-# -- part A: memory with a slow subscriber -------------------------------------------------
-async def trio_slow(sock: socket.socket, pause: float) -> dict[str, Any]:
+def run_fake(variants: dict[str, Variant], n: int, repeat: int) -> str:
+    note = interleave_note(repeat, 1)
+    runs = interleave(list(variants), repeat, lambda key: fake_run(key, n),
+                      warmup_run=lambda key: fake_run(key, max(n // 10, 1000)),
+                      say=_say)  # fmt: skip
+    for key, values in runs.items():
+        variants[key].runs = values
+    return note
+
+
+# -- part A: memory while a subscriber is stalled ------------------------------------------
+#: What each memory variant keeps while its subscriber reads nothing.
+MEMORY_KINDS = {
+    "trio_all": "trio_qemu, buffer n+1 (keeps every event)",
+    "asyncio": "qemu.qmp EventListener (keeps every event)",
+    "trio_bounded": f"trio_qemu, default buffer {BIG_BUFFER} (keeps {BIG_BUFFER}, drops the rest)",
+}
+
+
+async def trio_stalled(sock: socket.socket, buffer: int | None) -> dict[str, Any]:
+    """A subscriber that reads nothing until the flood has ended; ``None``: default buffer."""
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     async with open_qmp(stream) as client:
-        slow = client.subscribe(EVENT_NAME)  # default buffer (256)
+        held = client.subscribe(EVENT_NAME, buffer=buffer)
         end = client.subscribe(END_EVENT)
-        counts = [0]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(consume, slow, counts, 0, False, pause)
-            start = time.perf_counter()
-            await client.cmd("go")
-            await end.receive()  # the reader has read everything
-            elapsed = time.perf_counter() - start
-            nursery.cancel_scope.cancel()
-        result = {"delivered": counts[0], "dropped": slow.dropped, "seconds": elapsed}
-        slow.close()
+        start = time.perf_counter()
+        await client.cmd("go")
+        await end.receive()  # the reader has read and published everything
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        result = {"held": drain_nowait(held), "dropped": held.dropped, "seconds": elapsed,
+                  "peak_abs": peak, "buffer": BIG_BUFFER if buffer is None else buffer}  # fmt: skip
+        held.close()
         end.close()
     return result
 
 
-async def asyncio_slow(sock: socket.socket, pause: float) -> dict[str, Any]:
+async def asyncio_stalled(sock: socket.socket) -> dict[str, Any]:
+    """An ``EventListener`` nobody reads until the flood has ended (its queue and its
+    history keep every event, as qemu.qmp always does)."""
     qmp = QuietQMPClient("bench")
     await qmp.connect(sock)
-    slow = EventListener(EVENT_NAME)
+    held = EventListener(EVENT_NAME)
     end = EventListener(END_EVENT)
-    counts = [0]
-
-    async def consumer() -> None:
-        async for _ in slow:
-            counts[0] += 1
-            await asyncio.sleep(pause)
-
     try:
-        with qmp.listen(slow, end):
-            task = asyncio.create_task(consumer())
+        with qmp.listen(held, end):
             start = time.perf_counter()
             await qmp.execute("go")
             await end.get()
             elapsed = time.perf_counter() - start
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
-            queued = len(slow.clear())
+            peak = tracemalloc.get_traced_memory()[1]
+            count = len(held.clear())
     finally:
         with suppress(Exception):
             await qmp.disconnect()
-    return {"delivered": counts[0], "dropped": 0, "queued": queued, "seconds": elapsed}
+    return {"held": count, "dropped": 0, "seconds": elapsed, "peak_abs": peak}
 
 
-def measure_memory(kind: str, n: int, pause: float) -> dict[str, Any]:
-    """Peak traced memory above the start while ``n`` events flood a slow subscriber."""
-    rss_before = rss_bytes()
+def measure_memory(kind: str, n: int) -> dict[str, Any]:
+    """Peak traced memory above the start while ``n`` events reach a stalled subscriber."""
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
         with peer_process("events", n) as (_proc, sock):
-            if kind == "trio":
-                result = trio.run(trio_slow, sock, pause)
+            if kind == "trio_all":
+                result = trio.run(trio_stalled, sock, n + 1)
+            elif kind == "trio_bounded":
+                result = trio.run(trio_stalled, sock, None)
             else:
-                result = asyncio.run(asyncio_slow(sock, pause))
-        peak = tracemalloc.get_traced_memory()[1] - base
+                result = asyncio.run(asyncio_stalled(sock))
     finally:
         tracemalloc.stop()
-    result.update(events=n, peak_bytes=peak, rss_growth_bytes=rss_bytes() - rss_before)
+    peak = result.pop("peak_abs") - base
+    if kind != "trio_bounded" and result["held"] != n:
+        raise RuntimeError(f"memory {kind}: held {result['held']} of {n} events")
+    result.update(events=n, peak_bytes=peak, bytes_per_event=peak / n)
     return result
+
+
+def run_memory(mem_n: int, rounds: int) -> tuple[dict[str, list[dict[str, Any]]], str]:
+    """Every kind at ``mem_n`` and ``4 * mem_n`` events, interleaved; results per kind, the
+    median row of each size (by peak), smaller size first."""
+    sizes = (mem_n, 4 * mem_n)
+    keys = [f"{kind}@{size}" for size in sizes for kind in MEMORY_KINDS]
+
+    def one(key: str, scale: float = 1.0) -> dict[str, Any]:
+        kind, _, size = key.partition("@")
+        return measure_memory(kind, max(int(int(size) * scale), 1000))
+
+    note = interleave_note(rounds, 1)
+    runs = interleave(keys, rounds, one, warmup_run=lambda key: one(key, 0.1), say=_say)
+    memory: dict[str, list[dict[str, Any]]] = {kind: [] for kind in MEMORY_KINDS}
+    for key, rows in runs.items():
+        kind = key.partition("@")[0]
+        ordered = sorted(rows, key=lambda r: r["peak_bytes"])
+        row = dict(ordered[(len(ordered) - 1) // 2])  # the median run (lower middle)
+        row["runs_peak_bytes"] = [r["peak_bytes"] for r in rows]
+        memory[kind].append(row)
+    for rows in memory.values():
+        rows.sort(key=lambda r: r["events"])
+    return memory, note
 
 
 # -- part B: a real QEMU -------------------------------------------------------------------
@@ -555,14 +610,15 @@ def raw_stopcont(pairs: int) -> Run:
 
 
 # -- main ----------------------------------------------------------------------------------
-def run_each(label: str, fn: Callable[[], Awaitable[Run]] | Callable[[], Run],
-             repeat: int, into: Variant) -> None:  # fmt: skip
-    for _ in range(repeat):
-        print(f"  running {label} ...", flush=True)
-        result = fn()
-        if not isinstance(result, Run):
-            raise TypeError(result)
-        into.runs.append(result)
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def paired(variants: dict[str, Variant], a: str, b: str) -> float:
+    """Median over rounds of the events/s of ``a`` over ``b`` in the same round."""
+    if not variants.get(a) or not variants.get(b) or not variants[a].runs:
+        return float("nan")
+    return paired_ratio([r.rate for r in variants[a].runs], [r.rate for r in variants[b].runs])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, help="events per fake-peer run (default 500000)")
     parser.add_argument("--repeat", type=int, help="runs per variant (default 3)")
     parser.add_argument("--mem-n", type=int, help="events of the smaller memory run (25000)")
+    parser.add_argument("--mem-repeat", type=int, help="rounds of the memory runs (default 2)")
     parser.add_argument("--seconds", type=float, help="real-QEMU flood window (default 3)")
     parser.add_argument("--pairs", type=int, help="stop/cont pairs (default 2000)")
     parser.add_argument(
@@ -583,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     n = options.n or (50_000 if quick else 500_000)
     repeat = options.repeat or (1 if quick else 3)
     mem_n = options.mem_n or (10_000 if quick else 25_000)
+    mem_repeat = options.mem_repeat or (1 if quick else 2)
     seconds = options.seconds or (1.0 if quick else 3.0)
     pairs = options.pairs or (200 if quick else 2000)
     parts = set(options.parts.split(","))
@@ -592,32 +650,39 @@ def main(argv: list[str] | None = None) -> int:
     qemu_binary()  # fail early without QEMU
 
     fake = {v.key: v for v in fake_variants()}
+    fake_note = None
     if "fake" in parts:
         print(f"A. fake QMP peer flooding {n:,} events, median of {repeat} run(s)")
-        run_fake(fake, n, repeat)
+        fake_note = run_fake(fake, n, repeat)
         print()
         for variant in fake.values():
             print(variant.summary())
 
-    memory: dict[str, list[dict[str, Any]]] = {"trio": [], "asyncio": []}
+    memory: dict[str, list[dict[str, Any]]] = {kind: [] for kind in MEMORY_KINDS}
+    memory_note = None
     if "memory" in parts:
-        print(f"\nA. memory while a slow subscriber (1 ms/event) falls behind, {mem_n:,} and "
-              f"{4 * mem_n:,} events (tracemalloc peak above the start)")  # fmt: skip
-        for kind in memory:
-            for count in (mem_n, 4 * mem_n):
-                print(f"  running {kind} with {count:,} events ...", flush=True)
-                memory[kind].append(measure_memory(kind, count, 0.001))
+        print(f"\nA. memory while a subscriber reads nothing until the flood ends, {mem_n:,} "
+              f"and {4 * mem_n:,} events (tracemalloc peak above the start), median of "
+              f"{mem_repeat} run(s)")  # fmt: skip
+        memory, memory_note = run_memory(mem_n, mem_repeat)
+        print()
     for kind, rows in memory.items():
-        who = "trio_qemu (buffer 256)" if kind == "trio" else "qemu.qmp EventListener"
         for row in rows:
-            print(f"  {who:<24} {row['events']:>9,} events: peak {row['peak_bytes'] / 2**20:7.2f}"
-                  f" MiB  delivered {row['delivered']:,} dropped {row['dropped']:,}")  # fmt: skip
+            print(f"  {MEMORY_KINDS[kind]:<52} {row['events']:>8,} events: peak "
+                  f"{row['peak_bytes'] / 2**20:7.2f} MiB ({row['bytes_per_event']:,.0f} B/event)"
+                  f"  held {row['held']:,} dropped {row['dropped']:,}")  # fmt: skip
     growth = {
         k: ratio(rows[1]["peak_bytes"], rows[0]["peak_bytes"]) if rows else float("nan")
         for k, rows in memory.items()
     }
+    mem_ratio = {
+        f"memory: trio keeps all / qemu.qmp, {t['events']:,} events": ratio(
+            t["peak_bytes"], a["peak_bytes"])
+        for t, a in zip(memory["trio_all"], memory["asyncio"], strict=True)
+    }  # fmt: skip
 
     real: dict[str, Variant] = {}
+    real_note = None
     if "real" in parts:
         print(f"\nB. real QEMU, pvpanic loop, {seconds} s window, median of {repeat} run(s)")
         real = {
@@ -627,22 +692,39 @@ def main(argv: list[str] | None = None) -> int:
             "trio_4_batch": Variant("trio_4_batch", "trio_qemu open_machine, 4 subscribers, "
                                     f"batch drain, buffer {BIG_BUFFER}"),
             "trio_1_each": Variant("trio_1_each", "trio_qemu, 1 subscriber, receive() per "
-                                   "event, buffer 256"),
+                                   f"event, buffer {BIG_BUFFER}"),
         }  # fmt: skip
+        shapes = {"trio_1_batch": (1, True), "trio_4_batch": (4, True), "trio_1_each": (1, False)}
+
+        def real_run(key: str, window: float) -> Run:
+            if key == "raw":
+                return raw_real(config, window)
+            subs, batch = shapes[key]
+            return trio.run(trio_real, config, window, subs, batch, BIG_BUFFER)
+
         with tempfile.TemporaryDirectory(prefix="trio-qemu-bench-") as tmp:
             config = pvpanic_config(write_bios(Path(tmp)))
-            run_each("raw", lambda: raw_real(config, seconds), repeat, real["raw"])
-            for key, subs, batch, buffer in (("trio_1_batch", 1, True, BIG_BUFFER),
-                                             ("trio_4_batch", 4, True, BIG_BUFFER),
-                                             ("trio_1_each", 1, False, 256)):  # fmt: skip
-                run_each(key, partial(trio.run, trio_real, config, seconds, subs, batch, buffer),
-                         repeat, real[key])  # fmt: skip
-        print(f"\nB. stop/cont on -machine none, {pairs} pairs")
+            real_note = interleave_note(repeat, 1)
+            runs = interleave(list(real), repeat, lambda key: real_run(key, seconds),
+                              warmup_run=lambda key: real_run(key, min(seconds, 0.5)),
+                              say=_say)  # fmt: skip
+            for key, values in runs.items():
+                real[key].runs = values
+        print(f"\nB. stop/cont on -machine none, {pairs} pairs, median of {repeat} run(s)")
         real["stopcont_raw"] = Variant("stopcont_raw", "stop/cont: raw blocking socket")
         real["stopcont_trio"] = Variant("stopcont_trio", "stop/cont: trio_qemu open_machine")
-        run_each("stop/cont raw", lambda: raw_stopcont(pairs), repeat, real["stopcont_raw"])
-        run_each("stop/cont trio_qemu", lambda: trio.run(trio_stopcont, pairs), repeat,
-                 real["stopcont_trio"])  # fmt: skip
+
+        def stopcont(key: str, count: int) -> Run:
+            if key == "stopcont_raw":
+                return raw_stopcont(count)
+            return trio.run(trio_stopcont, count)
+
+        runs = interleave(["stopcont_raw", "stopcont_trio"], repeat,
+                          lambda key: stopcont(key, pairs),
+                          warmup_run=lambda key: stopcont(key, max(pairs // 10, 10)),
+                          say=_say)  # fmt: skip
+        for key, values in runs.items():
+            real[key].runs = values
         print()
         for variant in real.values():
             print(variant.summary())
@@ -650,24 +732,24 @@ def main(argv: list[str] | None = None) -> int:
     rate = {f"fake.{k}": v.rate for k, v in fake.items()}
     rate.update({f"real.{k}": v.rate for k, v in real.items()})
     ratios = {
-        "fake: trio 1 sub / raw line count": ratio(rate["fake.trio_1_batch"],
-                                                   rate["fake.raw_count"]),
-        "fake: trio 1 sub / raw json.loads": ratio(rate["fake.trio_1_batch"],
-                                                   rate["fake.raw_json"]),
-        "fake: trio 4 subs / trio 1 sub": ratio(rate["fake.trio_4_batch"],
-                                                rate["fake.trio_1_batch"]),
-        "fake: trio 1 sub / qemu.qmp asyncio": ratio(rate["fake.trio_1_batch"],
-                                                     rate["fake.asyncio"]),
-        "memory: trio peak 4N / N": growth["trio"],
-        "memory: qemu.qmp peak 4N / N": growth["asyncio"],
-    }  # fmt: skip
+        "fake: trio 1 sub / raw line count": paired(fake, "trio_1_batch", "raw_count"),
+        "fake: trio 1 sub / raw json.loads": paired(fake, "trio_1_batch", "raw_json"),
+        "fake: trio 4 subs / raw json.loads": paired(fake, "trio_4_batch", "raw_json"),
+        "fake: trio 4 subs / trio 1 sub": paired(fake, "trio_4_batch", "trio_1_batch"),
+        "fake: trio 1 sub keeps all / qemu.qmp asyncio": paired(fake, "trio_1_all", "asyncio"),
+        **mem_ratio,
+        "memory: trio keeps all, peak 4N / N": growth["trio_all"],
+        "memory: qemu.qmp, peak 4N / N": growth["asyncio"],
+        "memory: trio bounded, peak 4N / N": growth["trio_bounded"],
+    }
     if real:
         ratios.update({
-            "real: trio 1 sub / raw": ratio(rate["real.trio_1_batch"], rate["real.raw"]),
-            "real: trio 4 subs / raw": ratio(rate["real.trio_4_batch"], rate["real.raw"]),
-            "stop/cont: trio / raw": ratio(rate["real.stopcont_trio"], rate["real.stopcont_raw"]),
+            "real: trio 1 sub / raw": paired(real, "trio_1_batch", "raw"),
+            "real: trio 4 subs / raw": paired(real, "trio_4_batch", "raw"),
+            "stop/cont: trio / raw": paired(real, "stopcont_trio", "stopcont_raw"),
         })  # fmt: skip
-    print("\nratios (of medians; events/s, higher is faster; memory: lower is flatter):")
+    print("\nratios (events/s: median over rounds of the ratio within a round, higher is "
+          "faster; memory: of the median peaks, lower is smaller):")  # fmt: skip
     print_ratios(ratios)
     print(f"\ntarget >= {TARGET_EVENTS:,} events/s with 1 subscriber:")
     if fake["trio_1_batch"].runs:
@@ -677,9 +759,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{rate['real.trio_1_batch']:,.0f}")  # fmt: skip
 
     path = write_results(NAME, {
-        "params": {"n": n, "repeat": repeat, "mem_n": mem_n, "seconds": seconds,
-                   "pairs": pairs, "quick": quick, "parts": sorted(parts),
+        "params": {"n": n, "repeat": repeat, "mem_n": mem_n, "mem_repeat": mem_repeat,
+                   "seconds": seconds, "pairs": pairs, "quick": quick, "parts": sorted(parts),
                    "big_buffer": BIG_BUFFER},
+        "method": {"fake_peer": fake_note, "memory": memory_note, "real_qemu": real_note},
+        "memory_kinds": MEMORY_KINDS,
         "unit": "events/s",
         "target_events_per_s": TARGET_EVENTS,
         "fake_peer": {k: v.as_json() for k, v in fake.items() if v.runs},

@@ -1,10 +1,14 @@
 """Launch-to-ready and teardown: trio_qemu against the raw path and the seed's way.
 
-    .venv/bin/python benchmarks/lifecycle.py [--n 30]
+    .venv/bin/python benchmarks/lifecycle.py [--n 30] [--warmup 2]
 
-Every variant runs the same ``qemu-system-x86_64 -machine none -nodefaults -display none
--vga none -accel tcg`` with a QMP monitor on a socketpair, one machine at a time, ``--n``
-times; the printed figure is the median in milliseconds.
+Every variant does the same work: start the same ``qemu-system-x86_64 -machine none
+-nodefaults -display none -vga none -accel tcg`` with a QMP monitor on a socketpair, wait
+until QMP is negotiated ("launch"), then ``quit`` it and reap it ("teardown"), one machine
+at a time. The variants are interleaved (``_common.interleave``): ``--n`` rounds, each
+running every variant once, the order reversed every other round, after ``--warmup``
+uncounted rounds (page cache, imports). The printed figures are medians in milliseconds;
+the ratios are the median over rounds of the ratio within a round.
 
 - raw: ``subprocess.Popen``, read the greeting, send ``qmp_capabilities``, read its reply
   (ready); teardown: send ``quit``, ``wait()`` (the limit).
@@ -25,14 +29,22 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, print_ratios, qemu_binary, quiet_logging, ratio, write_results
+from _common import (
+    interleave,
+    interleave_note,
+    median,
+    paired_ratio,
+    print_ratios,
+    qemu_binary,
+    quiet_logging,
+    write_results,
+)
 
 import trio_qemu
 
@@ -106,35 +118,38 @@ def seed_cycle() -> tuple[float, float]:
     return ready - start, done - ready
 
 
-async def _trio_cycles(n: int) -> list[tuple[float, float]]:
+async def _trio_cycle() -> tuple[float, float]:
     config = trio_qemu.MachineConfig(args=ARGS, accel=None)  # ARGS carry -accel tcg
-    results = []
-    for _ in range(n):
-        start = time.perf_counter()
-        async with trio_qemu.open_machine(config):
-            ready = time.perf_counter()
-        results.append((ready - start, time.perf_counter() - ready))
-    return results
+    start = time.perf_counter()
+    async with trio_qemu.open_machine(config):
+        ready = time.perf_counter()
+    return ready - start, time.perf_counter() - ready
 
 
-def run(label: str, cycle: Callable[[], tuple[float, float]], n: int) -> list[tuple[float, float]]:
-    print(f"  running {label} ...", flush=True)
-    return [cycle() for _ in range(n)]
+def trio_cycle() -> tuple[float, float]:
+    """One ``open_machine`` cycle (``trio.run``'s own start-up is outside the timing)."""
+    return trio.run(_trio_cycle)
+
+
+CYCLES = {"raw": raw_cycle, "seed": seed_cycle, "trio": trio_cycle}
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=30, help="launch/teardown cycles per variant")
+    parser.add_argument("--n", type=int, default=30, help="counted rounds (default 30)")
+    parser.add_argument("--warmup", type=int, default=2, help="uncounted rounds (default 2)")
     options = parser.parse_args()
     quiet_logging()
-    n = options.n
-    print(f"launch-to-ready and teardown, -machine none, {n} cycles each, medians in ms")
-    samples = {
-        "raw": run("raw", raw_cycle, n),
-        "seed": run("seed's way", seed_cycle, n),
-    }
-    print("  running trio_qemu ...", flush=True)
-    samples["trio"] = trio.run(_trio_cycles, n)
+    qemu_binary()
+    n, warmup = options.n, options.warmup
+    note = interleave_note(n, warmup)
+    print(f"launch-to-ready and teardown, -machine none, medians in ms; same work for every "
+          f"variant; {note}")  # fmt: skip
+    samples = interleave(list(CYCLES), n, lambda key: CYCLES[key](), warmup=warmup, say=_say)
     labels = {"raw": "raw (Popen + socket)", "seed": "seed's way (Popen + legacy)",
               "trio": "trio_qemu open_machine"}  # fmt: skip
     launch = {k: median([s[0] for s in v]) * 1000 for k, v in samples.items()}
@@ -142,18 +157,24 @@ def main() -> None:
     print(f"\n  {'':30} {'launch':>9} {'teardown':>9}")
     for key, label in labels.items():
         print(f"  {label:30} {launch[key]:8.1f}  {teardown[key]:8.1f}")
+
+    def paired(side: int, a: str, b: str) -> float:
+        return paired_ratio([s[side] for s in samples[a]], [s[side] for s in samples[b]])
+
     ratios = {
-        "launch trio/raw": ratio(launch["trio"], launch["raw"]),
-        "launch trio/seed": ratio(launch["trio"], launch["seed"]),
-        "teardown trio/raw quit": ratio(teardown["trio"], teardown["raw"]),
-        "teardown trio/seed": ratio(teardown["trio"], teardown["seed"]),
+        "launch trio/raw": paired(0, "trio", "raw"),
+        "launch trio/seed": paired(0, "trio", "seed"),
+        "teardown trio/raw quit": paired(1, "trio", "raw"),
+        "teardown trio/seed": paired(1, "trio", "seed"),
     }
-    print("\nratios of medians (lower is faster):")
+    print("\nratios (median over rounds of the ratio within a round; lower is faster):")
     print_ratios(ratios)
     path = write_results(
         NAME,
         {
             "n": n,
+            "params": {"n": n, "warmup": warmup},
+            "method": note,
             "argv": ARGS,
             "launch_ms": launch,
             "teardown_ms": teardown,

@@ -1,21 +1,29 @@
 """QMP round trips per second: trio_qemu against qemu.qmp and a raw socket.
 
     .venv/bin/python benchmarks/qmp_throughput.py [--n 2000] [--repeat 5] [--warmup 200]
+        [--warmup-rounds 1]
 
-One ``qemu-system-x86_64 -machine none`` process serves every client; each client gets its
-own QMP monitor on its own socketpair (a monitor has one peer, and qemu.qmp's clients take
-over their socket). Each run is ``--n`` ``query-status`` calls; a client first makes
-``--warmup`` untimed calls; the printed figure is the median of ``--repeat`` runs.
+One ``qemu-system-x86_64 -machine none`` process serves every client. Every run does the
+same work: a fresh client on a QMP monitor of its own (a socketpair; a monitor has one
+peer, and qemu.qmp's clients take over their socket), the handshake, ``--warmup`` untimed
+calls, then ``--n`` timed ``query-status`` calls. The variants are interleaved
+(``_common.interleave``): ``--repeat`` rounds, each running every variant once, the order
+reversed every other round, after ``--warmup-rounds`` uncounted rounds. The printed
+figure is the median over rounds; a ratio is the median over rounds of the ratio of two
+variants in the same round.
 
 - trio_qemu: ``open_qmp`` over the socketpair, ``await client.cmd("query-status")``
-  one after another, and N at once (one task each, in a nursery).
+  one after another; and (a separate variant) N at once, one task each, in a nursery.
 - qemu.qmp's asyncio ``QMPClient`` (``connect(sock)``, ``execute``) and its sync
   ``legacy.QEMUMonitorProtocol`` (what ``QEMUMachine`` uses; ``cmd``). Their
   ``_cb_outbound``/``_cb_inbound`` hooks pretty-print every message as JSON for a debug log
   call even when debug is off; the main rows use a subclass that formats only when debug is
   on (as trio_qemu does), the "stock" rows use the class as shipped.
 - raw: a blocking socket, pre-encoded ``{"execute":"query-status","id":N}``, one line read
-  per call and not decoded: the limit for one connection.
+  per call and not decoded: the limit for one connection, one call at a time.
+- raw pipelined: the same requests all written at once (as fast as the socket takes them)
+  while counting reply lines: the limit with N calls in flight, the baseline of trio_qemu's
+  N concurrent tasks.
 
 All loggers stay at WARNING. Nothing here asserts a speed; results go to
 ``benchmarks/results/qmp_throughput.json``.
@@ -27,12 +35,15 @@ import argparse
 import asyncio
 import json
 import logging
+import selectors
 import socket
 import sys
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 from qemu.qmp import Message, QMPClient
@@ -41,11 +52,13 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     BASE_ARGS,
+    interleave,
+    interleave_note,
     median,
+    paired_ratio,
     print_ratios,
     print_table,
     quiet_logging,
-    ratio,
     running_qemu,
     write_results,
 )
@@ -77,25 +90,21 @@ def _check_status(value: object, who: str) -> None:
 
 
 # -- trio_qemu -----------------------------------------------------------------------------
-async def bench_trio(
-    sock: socket.socket, n: int, repeat: int, warmup: int, seq: Result, conc: Result
-) -> None:
+async def bench_trio(sock: socket.socket, n: int, warmup: int, concurrent: bool) -> float:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     async with open_qmp(stream) as client:
         _check_status(await client.cmd(COMMAND), "trio_qemu")
         for _ in range(warmup):
             await client.cmd(COMMAND)
-        for _ in range(repeat):
-            start = time.perf_counter()
-            for _ in range(n):
-                await client.cmd(COMMAND)
-            seq.runs.append(_rate(n, start))
-
-            start = time.perf_counter()
+        start = time.perf_counter()
+        if concurrent:
             async with trio.open_nursery() as nursery:
                 for _ in range(n):
                     nursery.start_soon(client.cmd, COMMAND)
-            conc.runs.append(_rate(n, start))
+        else:
+            for _ in range(n):
+                await client.cmd(COMMAND)
+        return _rate(n, start)
 
 
 # -- qemu.qmp ------------------------------------------------------------------------------
@@ -114,27 +123,22 @@ class QuietQMPClient(QMPClient):
         return msg
 
 
-async def bench_asyncio(
-    sock: socket.socket, n: int, repeat: int, warmup: int, result: Result, quiet: bool
-) -> None:
+async def bench_asyncio(sock: socket.socket, n: int, warmup: int, quiet: bool) -> float:
     qmp = QuietQMPClient("bench") if quiet else QMPClient("bench")
     await qmp.connect(sock)  # 0.0.6 takes an already-connected socket here
     try:
         _check_status(await qmp.execute(COMMAND), "qemu.qmp asyncio")
         for _ in range(warmup):
             await qmp.execute(COMMAND)
-        for _ in range(repeat):
-            start = time.perf_counter()
-            for _ in range(n):
-                await qmp.execute(COMMAND)
-            result.runs.append(_rate(n, start))
+        start = time.perf_counter()
+        for _ in range(n):
+            await qmp.execute(COMMAND)
+        return _rate(n, start)
     finally:
         await qmp.disconnect()
 
 
-def bench_legacy(
-    sock: socket.socket, n: int, repeat: int, warmup: int, result: Result, quiet: bool
-) -> None:
+def bench_legacy(sock: socket.socket, n: int, warmup: int, quiet: bool) -> float:
     loop = asyncio.new_event_loop()  # the one the sync shim picks up (and we close)
     asyncio.set_event_loop(loop)
     try:
@@ -146,11 +150,10 @@ def bench_legacy(
             _check_status(qmp.cmd(COMMAND), "qemu.qmp legacy")
             for _ in range(warmup):
                 qmp.cmd(COMMAND)
-            for _ in range(repeat):
-                start = time.perf_counter()
-                for _ in range(n):
-                    qmp.cmd(COMMAND)
-                result.runs.append(_rate(n, start))
+            start = time.perf_counter()
+            for _ in range(n):
+                qmp.cmd(COMMAND)
+            return _rate(n, start)
         finally:
             qmp.close()
     finally:
@@ -159,58 +162,110 @@ def bench_legacy(
 
 
 # -- raw socket ----------------------------------------------------------------------------
-def bench_raw(sock: socket.socket, n: int, repeat: int, warmup: int, result: Result) -> None:
-    with sock, sock.makefile("rb") as reader:
-        greeting = json.loads(reader.readline())
-        enable = ["oob"] if "oob" in greeting["QMP"]["capabilities"] else []
-        sock.sendall(
-            json.dumps(
-                {"execute": "qmp_capabilities", "arguments": {"enable": enable}},
-                separators=(",", ":"),
-            ).encode()
-        )
-        if json.loads(reader.readline()) != {"return": {}}:
-            raise RuntimeError("raw: qmp_capabilities failed")
+def _raw_handshake(sock: socket.socket, reader: BinaryIO) -> None:
+    greeting = json.loads(reader.readline())
+    enable = ["oob"] if "oob" in greeting["QMP"]["capabilities"] else []
+    sock.sendall(
+        json.dumps(
+            {"execute": "qmp_capabilities", "arguments": {"enable": enable}},
+            separators=(",", ":"),
+        ).encode()
+    )
+    if json.loads(reader.readline()) != {"return": {}}:
+        raise RuntimeError("raw: qmp_capabilities failed")
 
-        requests = [b'{"execute":"%s","id":%d}' % (COMMAND.encode(), i) for i in range(n)]
+
+def _requests(n: int) -> list[bytes]:
+    return [b'{"execute":"%s","id":%d}' % (COMMAND.encode(), i) for i in range(n)]
+
+
+def bench_raw(sock: socket.socket, n: int, warmup: int) -> float:
+    """One request, one reply line (not decoded), one after another."""
+    with sock, sock.makefile("rb") as reader:
+        _raw_handshake(sock, reader)
+        requests = _requests(n)
         send, readline = sock.sendall, reader.readline
         for request in requests[:warmup]:
             send(request)
             readline()
-        for _ in range(repeat):
+        start = time.perf_counter()
+        for request in requests:
+            send(request)
+            line = readline()
+            if not line:
+                raise RuntimeError("raw: EOF from QEMU")
+        rate = _rate(n, start)
+        last = json.loads(line)
+        if last.get("id") != n - 1 or "status" not in last.get("return", {}):
+            raise RuntimeError(f"raw: out of step, last reply {last!r}")
+        return rate
+
+
+def bench_raw_pipelined(sock: socket.socket, n: int, warmup: int) -> float:
+    """Every request written at once (as fast as the socket takes them) while reading the
+    reply lines (counted, not decoded): ``n`` calls in flight, the limit for one connection."""
+    with sock:
+        with sock.makefile("rb") as reader:
+            _raw_handshake(sock, reader)
+            for request in _requests(warmup):
+                sock.sendall(request)
+                reader.readline()
+        payload = memoryview(b"".join(_requests(n)))
+        sock.setblocking(False)
+        sent = lines = 0
+        tail = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
             start = time.perf_counter()
-            for request in requests:
-                send(request)
-                line = readline()
-                if not line:
-                    raise RuntimeError("raw: EOF from QEMU")
-            result.runs.append(_rate(n, start))
-            last = json.loads(line)
-            if last.get("id") != n - 1 or "status" not in last.get("return", {}):
-                raise RuntimeError(f"raw: out of step, last reply {last!r}")
+            while lines < n:
+                for _, mask in sel.select():
+                    if mask & selectors.EVENT_WRITE:
+                        with suppress(BlockingIOError):
+                            sent += sock.send(payload[sent : sent + 65536])
+                        if sent == len(payload):
+                            sel.modify(sock, selectors.EVENT_READ)
+                    if mask & selectors.EVENT_READ:
+                        try:
+                            data = sock.recv(1 << 20)
+                        except BlockingIOError:
+                            continue
+                        if not data:
+                            raise RuntimeError("raw pipelined: EOF from QEMU")
+                        lines += data.count(b"\n")
+                        tail = (tail + data)[-200:]
+            rate = _rate(n, start)
+        last = json.loads(tail.rstrip().rpartition(b"\n")[2])
+        if last.get("id") != n - 1 or "status" not in last.get("return", {}):
+            raise RuntimeError(f"raw pipelined: out of step, last reply {last!r}")
+        return rate
 
 
 # -- main ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--n", type=int, default=2000, help="calls per run (default 2000)")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per client (default 5)")
+    parser.add_argument("--repeat", type=int, default=5, help="counted rounds (default 5)")
     parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed calls first (default min(200, n))"
+        "--warmup", type=int, default=None, help="untimed calls per run (default min(200, n))"
+    )
+    parser.add_argument(
+        "--warmup-rounds", type=int, default=1, help="uncounted rounds first (default 1)"
     )
     args = parser.parse_args(argv)
     n: int = args.n
     repeat: int = args.repeat
     warmup: int = min(200, n) if args.warmup is None else args.warmup
-    if n < 1 or repeat < 1 or warmup < 0:
-        parser.error("--n and --repeat must be positive, --warmup not negative")
+    warmup_rounds: int = args.warmup_rounds
+    if n < 1 or repeat < 1 or warmup < 0 or warmup_rounds < 0:
+        parser.error("--n and --repeat must be positive, the warm-ups not negative")
     quiet_logging()
 
     raw_req = b'{"execute":"%s","id":1000}' % COMMAND.encode()
     trio_req = bytes(Message({"execute": COMMAND, "id": 1000}))
     qmp_req = bytes(Message({"execute": COMMAND, "id": "__qmp#01000"}))
     res: dict[str, Result] = {
-        "raw": Result("raw blocking socket (the limit)", raw_req),
+        "raw": Result("raw blocking socket, sequential (the limit)", raw_req),
+        "raw_pipelined": Result("raw socket, all N in flight (the limit)", raw_req),
         "trio": Result("trio_qemu, sequential", trio_req),
         "trio_concurrent": Result("trio_qemu, N concurrent tasks", trio_req),
         "asyncio": Result("qemu.qmp asyncio QMPClient", qmp_req),
@@ -218,42 +273,41 @@ def main(argv: list[str] | None = None) -> int:
         "legacy": Result("qemu.qmp legacy QEMUMonitorProtocol", qmp_req),
         "legacy_stock": Result("qemu.qmp legacy QEMUMonitorProtocol (stock hooks)", qmp_req),
     }
-
-    runners: list[tuple[str, Callable[[socket.socket], None]]] = [
-        ("raw", lambda s: bench_raw(s, n, repeat, warmup, res["raw"])),
-        (
-            "trio",
-            lambda s: trio.run(
-                bench_trio, s, n, repeat, warmup, res["trio"], res["trio_concurrent"]
-            ),
-        ),
-        (
-            "asyncio",
-            lambda s: asyncio.run(bench_asyncio(s, n, repeat, warmup, res["asyncio"], True)),
-        ),
-        (
-            "asyncio_stock",
-            lambda s: asyncio.run(bench_asyncio(s, n, repeat, warmup, res["asyncio_stock"], False)),
-        ),
-        ("legacy", lambda s: bench_legacy(s, n, repeat, warmup, res["legacy"], True)),
-        ("legacy_stock", lambda s: bench_legacy(s, n, repeat, warmup, res["legacy_stock"], False)),
-    ]
-
-    with running_qemu(monitors=len(runners)) as qemu:
+    runners: dict[str, Callable[[socket.socket], float]] = {
+        "raw": lambda s: bench_raw(s, n, warmup),
+        "raw_pipelined": lambda s: bench_raw_pipelined(s, n, warmup),
+        "trio": lambda s: trio.run(bench_trio, s, n, warmup, False),
+        "trio_concurrent": lambda s: trio.run(bench_trio, s, n, warmup, True),
+        "asyncio": lambda s: asyncio.run(bench_asyncio(s, n, warmup, True)),
+        "asyncio_stock": lambda s: asyncio.run(bench_asyncio(s, n, warmup, False)),
+        "legacy": lambda s: bench_legacy(s, n, warmup, True),
+        "legacy_stock": lambda s: bench_legacy(s, n, warmup, False),
+    }
+    note = interleave_note(repeat, warmup_rounds)
+    monitors = len(runners) * (repeat + warmup_rounds)
+    with running_qemu(monitors=monitors) as qemu:
         setup = (
-            f"one QEMU (pid {qemu.pid}) shared by all clients, each client on its own "
-            f"socketpair QMP monitor ({len(runners)} monitors); clients run one after another"
+            f"one QEMU (pid {qemu.pid}) shared by all clients; every run is a fresh client on "
+            f"a monitor of its own ({monitors} socketpair monitors): handshake, {warmup} "
+            f"untimed calls, then {n} timed {COMMAND} calls; {note}"
         )
-        print(f"QMP {COMMAND} throughput: N={n} calls per run, median of {repeat} runs, "
-              f"{warmup} warm-up calls per client")  # fmt: skip
+        print(f"QMP {COMMAND} throughput: N={n} calls per run, every variant the same "
+              f"calls on the same QEMU")  # fmt: skip
         print(f"setup: {setup}")
-        print(f"qemu: {' '.join(qemu.argv[: 1 + len(BASE_ARGS)])} + -chardev/-mon per client")
-        for key, run in runners:
-            print(f"  running {key} ...", flush=True)
-            run(qemu.take_monitor())
+        print(f"qemu: {' '.join(qemu.argv[: 1 + len(BASE_ARGS)])} + -chardev/-mon per run")
+        runs = interleave(
+            list(runners),
+            repeat,
+            lambda key: runners[key](qemu.take_monitor()),
+            warmup=warmup_rounds,
+            say=lambda line: print(line, flush=True),
+        )
+    for key, values in runs.items():
+        res[key].runs = values
 
     order = [
-        "raw", "trio", "trio_concurrent", "asyncio", "legacy", "asyncio_stock", "legacy_stock",
+        "raw", "raw_pipelined", "trio", "trio_concurrent", "asyncio", "legacy",
+        "asyncio_stock", "legacy_stock",
     ]  # fmt: skip
     print("\nops/s (median of runs):")
     print_table([(res[k].label, res[k].median, res[k].runs) for k in order])
@@ -262,24 +316,34 @@ def main(argv: list[str] | None = None) -> int:
         users = {"raw": "raw", "trio": "trio_qemu", "asyncio": "qemu.qmp (both)"}[k]
         print(f"  {users:<16} {len(res[k].request):3d}  {res[k].request.decode()}")
 
-    med = {k: r.median for k, r in res.items()}
+    def paired(a: str, b: str) -> float:
+        return paired_ratio(res[a].runs, res[b].runs)
+
     ratios = {
-        "trio/raw": ratio(med["trio"], med["raw"]),
-        "trio/legacy": ratio(med["trio"], med["legacy"]),
-        "trio/asyncio": ratio(med["trio"], med["asyncio"]),
-        "concurrent/raw": ratio(med["trio_concurrent"], med["raw"]),
-        "trio/legacy (stock hooks)": ratio(med["trio"], med["legacy_stock"]),
-        "trio/asyncio (stock hooks)": ratio(med["trio"], med["asyncio_stock"]),
-        "concurrent/trio": ratio(med["trio_concurrent"], med["trio"]),
+        "trio/raw": paired("trio", "raw"),
+        "trio/legacy": paired("trio", "legacy"),
+        "trio/asyncio": paired("trio", "asyncio"),
+        "concurrent/raw pipelined": paired("trio_concurrent", "raw_pipelined"),
+        "trio/legacy (stock hooks)": paired("trio", "legacy_stock"),
+        "trio/asyncio (stock hooks)": paired("trio", "asyncio_stock"),
+        "concurrent/trio": paired("trio_concurrent", "trio"),
+        "concurrent/raw sequential": paired("trio_concurrent", "raw"),
     }
-    print("\nratios (of medians):")
+    print("\nratios (median over rounds of the ratio within a round; higher is faster):")
     print_ratios(ratios)
 
     path = write_results(
         NAME,
         {
-            "params": {"n": n, "repeat": repeat, "warmup": warmup, "command": COMMAND},
+            "params": {
+                "n": n,
+                "repeat": repeat,
+                "warmup": warmup,
+                "warmup_rounds": warmup_rounds,
+                "command": COMMAND,
+            },
             "setup": setup,
+            "method": note,
             "qemu_argv": qemu.argv,
             "unit": "ops/s",
             "results": {

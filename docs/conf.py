@@ -88,6 +88,7 @@ PUBLIC_MODULES = [
     "trio_qemu.migration",
     "trio_qemu.agent",
     "trio_qemu.qtest",
+    "trio_qemu.snapshot",
     "trio_qemu.pytest_plugin",
 ]
 

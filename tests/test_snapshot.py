@@ -249,9 +249,15 @@ async def test_a_damaged_cached_template_is_rebuilt(cache_dir: Path) -> None:
     def break_manifest(t: Template) -> None:
         (t.path / "manifest.json").write_text("{")
 
+    def other_qemu(t: Template) -> None:  # as if QEMU had been upgraded since
+        path = t.path / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["qemu"][2] -= 1
+        path.write_text(json.dumps(manifest))
+
     # (damage, whether the cheap stamp check of a clone launch sees it too)
     damages = ((garble_state, False), (remove_ram, True), (truncate_state, True),
-               (break_manifest, False))  # fmt: skip
+               (break_manifest, False), (other_qemu, False))  # fmt: skip
     for calls, (damage, stamped) in enumerate(damages, 2):
         damage(template)
         if stamped:

@@ -3,7 +3,8 @@
 The public surface is re-exported here explicitly, grouped by role; everything in the
 underscore modules is private and may change. Subpackages with their own public surface:
 :mod:`trio_qemu.guest`, :mod:`trio_qemu.network`, :mod:`trio_qemu.migration`,
-:mod:`trio_qemu.agent`, :mod:`trio_qemu.qtest` and :mod:`trio_qemu.pytest_plugin`.
+:mod:`trio_qemu.agent`, :mod:`trio_qemu.qtest`, :mod:`trio_qemu.snapshot` and
+:mod:`trio_qemu.pytest_plugin`.
 """
 
 import logging as _logging
@@ -46,6 +47,13 @@ from .migration import migrate as migrate
 from .qtest import QtestMachine as QtestMachine
 from .qtest import open_qtest_machine as open_qtest_machine
 
+# -- Snapshots: boot once, fork many -------------------------------------------------
+from .snapshot import Template as Template
+from .snapshot import ensure_template as ensure_template
+from .snapshot import open_clone as open_clone
+from .snapshot import open_clones as open_clones
+from .snapshot import open_template as open_template
+
 # -- Errors (the tree is drawn in trio_qemu._errors) ---------------------------------
 from ._errors import MachineError as MachineError
 from ._errors import LaunchError as LaunchError
@@ -68,6 +76,7 @@ from ._errors import GuestBuildError as GuestBuildError
 from ._errors import GuestCommandError as GuestCommandError
 from ._errors import ShellError as ShellError
 from ._errors import ShellTimeout as ShellTimeout
+from ._errors import TemplateError as TemplateError
 from ._errors import MigrationError as MigrationError
 from ._errors import QtestError as QtestError
 from ._errors import QtestTimeout as QtestTimeout
@@ -114,6 +123,12 @@ __all__ = [
     "migrate",
     "QtestMachine",
     "open_qtest_machine",
+    # Snapshots: boot once, fork many
+    "Template",
+    "ensure_template",
+    "open_clone",
+    "open_clones",
+    "open_template",
     # Errors (the tree is drawn in trio_qemu._errors)
     "MachineError",
     "LaunchError",
@@ -136,6 +151,7 @@ __all__ = [
     "GuestCommandError",
     "ShellError",
     "ShellTimeout",
+    "TemplateError",
     "MigrationError",
     "QtestError",
     "QtestTimeout",

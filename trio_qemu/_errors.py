@@ -25,6 +25,8 @@ Protocol errors also derive from ``qemu.qmp``'s own classes, so code written aga
      +-- ShellError               the guest shell channel failed or is gone
      |    +-- ShellTimeout        a guest command outlived its timeout (it was killed)
      +-- MigrationError           a migration was refused, failed or timed out
+     +-- TemplateError            a snapshot template could not be made or restored, or a
+     |                            clone's config does not match its template
      +-- QtestError               qemu answered FAIL/ERR to a qtest request
      |    +-- QtestTimeout        no answer in time
      +-- QtestInvalidRequest      (also ValueError) refused before sending
@@ -73,6 +75,7 @@ __all__ = [
     "QtestTimeout",
     "ShellError",
     "ShellTimeout",
+    "TemplateError",
 ]
 
 
@@ -332,6 +335,11 @@ class MigrationError(MachineError):
         if not self.reason:
             return str(self.args[0])
         return f"{self.args[0]}\n  QEMU's reason:\n" + _tail(self.reason)
+
+
+class TemplateError(MachineError):
+    """A template could not be made, found or restored, or a clone does not match its
+    template (the message names the difference, or quotes QEMU's reason)."""
 
 
 class QtestError(MachineError):

@@ -293,6 +293,8 @@ class Machine(MonitorCommands):
             await self._teardown(hard=True)
             raise
         self._state = MachineState.RUNNING
+        if self._process is not None and self._process.exited.is_set():
+            self._process_exited(self._process)  # it died in the last moment of the launch
 
     async def _launch(self, nursery: trio.Nursery) -> None:
         config = self.config

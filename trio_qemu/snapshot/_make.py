@@ -39,6 +39,7 @@ from ._template import (
     backed_config,
     check_template_config,
     digest,
+    file_stamp,
     load_template,
     memory_bytes,
     qemu_release,
@@ -146,7 +147,8 @@ async def _make(
         remaining = max(deadline - trio.current_time(), 0.001)
         if config.shell:
             await vm.shell.wait_ready(timeout=remaining)
-        elif config.agent:
+        if config.agent:
+            remaining = max(deadline - trio.current_time(), 0.001)
             await vm.agent.wait_ready(timeout=remaining)
         report(f"template {key}: ready after {time.monotonic() - started:.1f} s")
         if prepare is not None:
@@ -194,6 +196,7 @@ def _finish(
         "signature": sig,
         "ram": {"size": info.st_size, "mtime_ns": info.st_mtime_ns},
         "state": state_record(directory / STATE_FILE),
+        "qemu": file_stamp(str(sig["binary"])),
         "made_in": round(made_in, 3),
         "created": time.time(),
         "config": _describe(config),
@@ -230,7 +233,7 @@ async def ensure_template(
 
     Making one boots ``config`` once with its RAM in a file (``memory-backend-file``,
     ``share=on``), waits until the guest is ready (its shell answers when ``config.shell``,
-    else its agent when ``config.agent``, else at once: ``prepare`` decides), runs
+    its agent when ``config.agent``; with neither, at once: ``prepare`` decides), runs
     ``await prepare(vm)``, stops the guest, saves its device state with the
     ``x-ignore-shared`` capability through an fd (``getfd`` and ``migrate fd:``), quits and
     makes the RAM file read-only. That takes a boot plus ~10 ms.
@@ -264,7 +267,7 @@ async def ensure_template(
         TemplateError: it could not be made (QEMU refused a step, the save failed) or not
             within ``timeout``.
         ValueError: ``config`` cannot be templated (no ``memory`` or ``machine``, no QMP,
-            ``-incoming`` in its args, ...).
+            ``-incoming`` in its args, ...), or ``prepare`` has no name and no ``key``.
         LaunchError: the template machine could not start.
         ShellTimeout: the guest shell did not answer in time.
     """

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .._config import MachineConfig, resolve_accel
-from .._errors import MachineError
+from .._errors import TemplateError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -29,11 +29,19 @@ __all__ = [
     "STATE_FILE",
     "Template",
     "TemplateError",
+    "backed_config",
+    "base_config",
     "check_template_config",
+    "digest",
     "file_stamp",
     "load_template",
     "memory_bytes",
+    "normalize_arg",
+    "normalized_argv",
+    "qemu_release",
+    "resolve_binary",
     "signature",
+    "state_record",
 ]
 
 FORMAT_VERSION: Final = 1
@@ -77,11 +85,6 @@ _FD_OPTION = re.compile(
 _MEMORY = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)[bB]?\s*$")
 _UNITS: Final = {"": 20, "k": 10, "m": 20, "g": 30, "t": 40}
 _VERSION = re.compile(r"version (\d+)\.(\d+)")
-
-
-class TemplateError(MachineError):
-    """A template could not be made, found or restored, or a clone does not match its
-    template (the message names the difference, or quotes QEMU's reason)."""
 
 
 def memory_bytes(memory: int | str | None) -> int:
@@ -337,7 +340,7 @@ class Template:
 
     def verify(self) -> None:
         """Check, cheaply (``stat`` only), that the template's files are as they were made
-        and that the kernel and initrd did not change since.
+        and that the kernel, the initrd and the QEMU executable did not change since.
 
         Raises:
             TemplateError: naming what is missing or changed.
@@ -372,6 +375,9 @@ def _stamp_problems(path: Path, manifest: Mapping[str, Any]) -> list[str]:
     for recorded in manifest.get("signature", {}).get("files", []):
         if file_stamp(recorded[0]) != recorded:
             problems.append(f"{recorded[0]} changed or is missing since the template was made")
+    qemu = manifest.get("qemu")
+    if isinstance(qemu, list) and file_stamp(qemu[0]) != qemu:
+        problems.append(f"QEMU ({qemu[0]}) changed since the template was made")
     return problems
 
 
