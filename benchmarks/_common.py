@@ -239,13 +239,15 @@ def interleave(
     return out
 
 
-def interleave_note(rounds: int, warmup: int = 1) -> str:
+def interleave_note(rounds: int, warmup: int = 1, paired: bool = True) -> str:
     """How :func:`interleave` ran the variants, for a benchmark's output and results."""
-    return (
-        f"variants interleaved: {rounds} round(s), each running every variant once (order "
-        f"reversed every other round), after {warmup} uncounted warm-up round(s); "
-        "ratios are the median over rounds of the ratio within a round"
+    text = (
+        f"interleaved: {rounds} round(s) running every variant once, order reversed every "
+        f"other round, after {warmup} uncounted warm-up round(s)"
     )
+    if paired:
+        text += "; a ratio is the median over rounds of the ratio within a round"
+    return text
 
 
 def median(values: Sequence[float]) -> float:

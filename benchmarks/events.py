@@ -445,7 +445,7 @@ def run_memory(mem_n: int, rounds: int) -> tuple[dict[str, list[dict[str, Any]]]
         kind, _, size = key.partition("@")
         return measure_memory(kind, max(int(int(size) * scale), 1000))
 
-    note = interleave_note(rounds, 1)
+    note = interleave_note(rounds, 1, paired=False) + "; a ratio is one of the median peaks"
     runs = interleave(keys, rounds, one, warmup_run=lambda key: one(key, 0.1), say=_say)
     memory: dict[str, list[dict[str, Any]]] = {kind: [] for kind in MEMORY_KINDS}
     for key, rows in runs.items():

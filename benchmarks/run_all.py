@@ -1,23 +1,35 @@
 """Run every benchmark, then write a summary, a chart and ``docs/performance.md``.
 
-    .venv/bin/python benchmarks/run_all.py            # full sizes (about 5 minutes)
+    .venv/bin/python benchmarks/run_all.py            # the recorded sizes (under 10 minutes)
     .venv/bin/python benchmarks/run_all.py --quick    # small sizes: proves everything runs
     .venv/bin/python benchmarks/run_all.py --only events,console
     .venv/bin/python benchmarks/run_all.py --no-run   # rebuild the reports from the JSON files
+    .venv/bin/python benchmarks/run_all.py --keep-results clone,shell_memory
 
-Each benchmark runs in a fresh interpreter (so memory figures start clean) and writes
-``benchmarks/results/<name>.json``; a failing one is reported and the others still run.
-Afterwards this script reads those files and writes
+Each benchmark runs in a fresh interpreter (so memory figures start clean), one after
+another, with the arguments listed in ``BENCHES`` (fewer repetitions than each benchmark's
+own defaults, so that the whole run stays under about 10 minutes on a 2-core machine), and
+writes ``benchmarks/results/<name>.json``; a failing one is reported and the others still
+run. A benchmark whose script is missing (``clone.py`` and ``shell_memory.py`` are looked
+for, not assumed) is skipped with a message. Every benchmark interleaves the variants it
+compares (see ``_common.interleave``), so the ratios hold up on a machine that other work
+keeps busy; the load average is recorded anyway. Afterwards this script reads the JSON files
+and writes
 
 - ``benchmarks/results/summary.json``: every headline figure with its baseline, the ratio,
-  which direction is better, and the target where there is one;
+  which direction is better, and the target where there is one; the commit measured, the
+  machine and each benchmark's arguments, duration and load average;
 - ``benchmarks/results/summary.png``: a chart of the same (needs matplotlib: ``pip install
-  -e '.[bench]'``; without it a message says so and the rest is still written);
+  -e '.[bench]'``; without it a message says so, the rest is still written, and a chart
+  left from an earlier run is removed so that it cannot be taken for this one's);
 - ``docs/performance.md``: the part between its ``BEGIN GENERATED``/``END GENERATED``
-  markers (the machine, the date and the figures); the text around it is kept.
+  markers (the commit, the machine, the date, the figures); the text around it is kept.
 
-Nothing here asserts a speed: a missed target is shown as such, the exit status is non-zero
-only when a benchmark fails to run.
+``--keep-results NAMES`` runs those benchmarks with their JSON written to a temporary
+directory instead of ``benchmarks/results/`` (through ``$TRIO_QEMU_BENCH_RESULTS``), for
+result files someone else is updating; their figures still go into the summary and the
+page. Nothing here asserts a speed: a missed target is shown as such, the exit status is
+non-zero only when a benchmark fails to run.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -36,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, environment, loadavg
+from _common import RESULTS_DIR, environment, git_state, loadavg
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -51,16 +64,35 @@ class Bench:
     name: str
     full: tuple[str, ...]
     quick: tuple[str, ...]
+    #: what the arguments mean, for the page
+    sizes: str
 
 
+#: The arguments of a run. Repetitions are below the benchmarks' own defaults so that the
+#: whole run stays under about 10 minutes on the 2-core reference machine; every benchmark
+#: still interleaves its variants after a warm-up round.
 BENCHES = (
-    Bench("qmp_throughput", (), ("--n", "300", "--repeat", "2", "--warmup", "50")),
-    Bench("lifecycle", (), ("--n", "10")),
-    Bench("events", (), ("--quick",)),
-    Bench("console", (), ("--quick",)),
-    Bench("boot", (), ("--quick",)),
-    Bench("concurrency", (), ("--quick",)),
-)
+    Bench("qmp_throughput", ("--n", "1000", "--repeat", "5", "--warmup", "100"),
+          ("--n", "300", "--repeat", "2", "--warmup", "50"),
+          "5 rounds (+1 warm-up) of 1,000 calls per variant"),
+    Bench("lifecycle", ("--n", "20", "--warmup", "2"), ("--n", "5", "--warmup", "1"),
+          "20 rounds (+2 warm-up) of one cycle per variant"),
+    Bench("events", ("--n", "100000", "--repeat", "3", "--mem-n", "20000", "--mem-repeat", "2",
+                     "--seconds", "2", "--pairs", "1000"),
+          ("--quick",),
+          "fake peer: 3 rounds (+1) of 100,000 events; memory: 2 rounds (+1) of 20,000 and "
+          "80,000 events; real QEMU: 3 rounds (+1) of a 2 s window; stop/cont: 3 rounds (+1) "
+          "of 1,000 pairs"),
+    Bench("console", ("--mib", "256", "--repeat", "3"), ("--quick",),
+          "3 rounds (+1 warm-up) of 256 MiB per variant"),
+    Bench("boot", ("--n", "3", "--round-trips", "50", "--warmup", "1"), ("--quick",),
+          "3 rounds (+1 warm-up) of one boot per side, 50 shell round trips per boot"),
+    Bench("concurrency", ("--vms", "32", "--repeat", "3"), ("--quick",),
+          "32 VMs; 3 rounds (+1 warm-up) per variant; memory probes with 1 and 32 VMs"),
+    Bench("shell_memory", (), ("--sizes", "10"), "its defaults"),
+    Bench("clone", ("--n", "3", "--rounds", "1", "--makes", "1"), ("--quick",),
+          "3 rounds of single boots/clones, 1 round of machines at once, 1 template made"),
+)  # fmt: skip
 
 
 @dataclass
@@ -77,12 +109,23 @@ class Figure:
     #: a target on the value (``value_min``/``value_max``) or on the ratio (``ratio_max``)
     target_kind: str | None = None
     target: float | None = None
+    #: the benchmark's own ratio for this pair: the median over rounds of the ratio within a
+    #: round (None: value / baseline_value, the ratio of the medians)
+    paired: float | None = None
 
     @property
     def ratio(self) -> float | None:
+        if self.paired is not None and math.isfinite(self.paired):
+            return self.paired
         if self.value is None or not self.baseline_value:
             return None
         return self.value / self.baseline_value
+
+    @property
+    def ratio_method(self) -> str | None:
+        if self.ratio is None:
+            return None
+        return "paired" if self.paired is not None and math.isfinite(self.paired) else "medians"
 
     @property
     def relative_speed(self) -> float | None:
@@ -120,6 +163,7 @@ class Figure:
         return {
             **asdict(self),
             "ratio": self.ratio,
+            "ratio_method": self.ratio_method,
             "relative_speed": self.relative_speed,
             "target_text": self.target_text or None,
             "meets_target": None if progress is None else progress >= 1,
@@ -141,21 +185,34 @@ def _num(value: float | None, unit: str = "") -> str:
 
 
 # -- running -------------------------------------------------------------------------------
-def run_benchmarks(benches: Sequence[Bench], quick: bool) -> dict[str, dict[str, Any]]:
+def run_benchmarks(benches: Sequence[Bench], quick: bool,
+                   kept: dict[str, Path]) -> dict[str, dict[str, Any]]:  # fmt: skip
     runs: dict[str, dict[str, Any]] = {}
     for bench in benches:
+        script = HERE / f"{bench.name}.py"
+        if not script.exists():  # the hook: run it once it exists
+            print(f"\n===== {bench.name}: {script.name} does not exist; skipped", flush=True)
+            continue
         args = bench.quick if quick else bench.full
-        argv = [sys.executable, str(HERE / f"{bench.name}.py"), *args]
-        print(f"\n===== {bench.name}: {' '.join(argv[1:])}", flush=True)
+        argv = [sys.executable, str(script), *args]
+        env = dict(os.environ)
+        if bench.name in kept:
+            env["TRIO_QEMU_BENCH_RESULTS"] = str(kept[bench.name])
+        else:
+            env.pop("TRIO_QEMU_BENCH_RESULTS", None)
+        shown = " ".join([f"benchmarks/{script.name}", *args])
+        print(f"\n===== {bench.name}: {shown}", flush=True)
         before = loadavg()
         start = time.perf_counter()
-        code = subprocess.run(argv, cwd=ROOT, check=False).returncode
+        code = subprocess.run(argv, cwd=ROOT, env=env, check=False).returncode
         runs[bench.name] = {
-            "argv": argv[1:],
+            "argv": [f"benchmarks/{script.name}", *args],
+            "sizes": "quick sizes" if quick else bench.sizes,
             "returncode": code,
             "seconds": round(time.perf_counter() - start, 2),
             "loadavg_before": before,
             "loadavg_after": loadavg(),
+            "results_kept_out": bench.name in kept,
         }
         if code:
             print(f"===== {bench.name} FAILED with exit status {code}", flush=True)
@@ -163,8 +220,8 @@ def run_benchmarks(benches: Sequence[Bench], quick: bool) -> dict[str, dict[str,
 
 
 # -- collecting ----------------------------------------------------------------------------
-def _load(name: str) -> dict[str, Any] | None:
-    path = RESULTS_DIR / f"{name}.json"
+def _load(name: str, directory: Path = RESULTS_DIR) -> dict[str, Any] | None:
+    path = directory / f"{name}.json"
     try:
         data: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -172,13 +229,13 @@ def _load(name: str) -> dict[str, Any] | None:
     return data
 
 
-def _get(data: dict[str, Any], *keys: str) -> float | None:
+def _get(data: Any, *keys: str) -> float | None:
     value: Any = data
     for key in keys:
         if not isinstance(value, dict) or key not in value:
             return None
         value = value[key]
-    if isinstance(value, int | float) and math.isfinite(value):
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
 
@@ -187,30 +244,43 @@ def _qmp(d: dict[str, Any]) -> list[Figure]:
     def m(k: str) -> float | None:
         return _get(d, "results", k, "median")
 
+    def r(k: str) -> float | None:
+        return _get(d, "ratios", k)
+
     b = "qmp_throughput"
     return [
-        Figure(b, "QMP query-status, sequential", m("trio"), "ops/s", "raw blocking socket",
-               m("raw")),
         Figure(b, "QMP query-status, sequential", m("trio"), "ops/s",
-               "qemu.qmp asyncio QMPClient", m("asyncio")),
+               "raw blocking socket (the limit)", m("raw"), paired=r("trio/raw")),
         Figure(b, "QMP query-status, sequential", m("trio"), "ops/s",
-               "qemu.qmp legacy (QEMUMachine's)", m("legacy")),
+               "qemu.qmp asyncio QMPClient", m("asyncio"), paired=r("trio/asyncio")),
+        Figure(b, "QMP query-status, sequential", m("trio"), "ops/s",
+               "qemu.qmp legacy (QEMUMachine's)", m("legacy"), paired=r("trio/legacy")),
         Figure(b, "QMP query-status, N concurrent", m("trio_concurrent"), "ops/s",
-               "raw blocking socket (sequential)", m("raw")),
+               "raw socket, N in flight (the limit)", m("raw_pipelined"),
+               paired=r("concurrent/raw pipelined")),
     ]  # fmt: skip
 
 
 def _lifecycle(d: dict[str, Any]) -> list[Figure]:
     b = "lifecycle"
     out = []
-    for what, key in (("launch to QMP ready", "launch_ms"), ("teardown", "teardown_ms")):
+    for what, key, tag in (("launch to QMP ready", "launch_ms", "launch"),
+                           ("teardown", "teardown_ms", "teardown")):  # fmt: skip
+        raw_key = f"{tag} trio/raw" + (" quit" if tag == "teardown" else "")
         out += [
             Figure(b, f"{what}, -machine none", _get(d, key, "trio"), "ms",
-                   "raw Popen + socket", _get(d, key, "raw"), "lower"),
+                   "raw Popen + socket", _get(d, key, "raw"), "lower",
+                   paired=_get(d, "ratios", raw_key)),
             Figure(b, f"{what}, -machine none", _get(d, key, "trio"), "ms",
-                   "seed's way (Popen + legacy QMP)", _get(d, key, "seed"), "lower"),
+                   "seed's way (Popen + legacy QMP)", _get(d, key, "seed"), "lower",
+                   paired=_get(d, "ratios", f"{tag} trio/seed")),
         ]  # fmt: skip
     return out
+
+
+def _memory_row(d: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    rows = (d.get("memory") or {}).get(kind) or []
+    return rows[-1] if rows and isinstance(rows[-1], dict) else None
 
 
 def _events(d: dict[str, Any]) -> list[Figure]:
@@ -220,31 +290,42 @@ def _events(d: dict[str, Any]) -> list[Figure]:
     def r(k: str) -> float | None:
         return _get(d, "real_qemu", k, "events_per_s")
 
+    def p(k: str) -> float | None:
+        return _get(d, "ratios", k)
+
     b = "events"
     target = _get(d, "target_events_per_s") or 100_000.0
-    mem = d.get("memory") or {}
+    buffer = int(_get(d, "params", "big_buffer") or 2048)
 
     def peak(kind: str) -> float | None:
-        rows = mem.get(kind) or []
-        return rows[-1]["peak_bytes"] / 2**20 if rows else None
+        value = _get(_memory_row(d, kind), "peak_bytes")
+        return None if value is None else value / 2**20
 
-    big = 4 * int(_get(d, "params", "mem_n") or 0)
+    row = _memory_row(d, "trio_all")
+    big = int(row["events"]) if row else 0
     return [
-        Figure(b, "events/s, fake peer, 1 subscriber", f("trio_1_batch"), "events/s",
-               "raw split + json.loads", f("raw_json"), target_kind="value_min", target=target),
-        Figure(b, "events/s, fake peer, 1 subscriber", f("trio_1_batch"), "events/s",
-               "qemu.qmp asyncio EventListener", f("asyncio")),
-        Figure(b, "events/s, fake peer, 4 subscribers", f("trio_4_batch"), "events/s",
-               "raw split + json.loads", f("raw_json")),
+        Figure(b, f"events/s, fake peer, 1 subscriber (buffer {buffer})", f("trio_1_batch"),
+               "events/s", "raw split + json.loads (the limit)", f("raw_json"),
+               target_kind="value_min", target=target,
+               paired=p("fake: trio 1 sub / raw json.loads")),
+        Figure(b, "events/s, fake peer, 1 subscriber keeping every event", f("trio_1_all"),
+               "events/s", "qemu.qmp asyncio EventListener", f("asyncio"),
+               paired=p("fake: trio 1 sub keeps all / qemu.qmp asyncio")),
+        Figure(b, f"events/s, fake peer, 4 subscribers (buffer {buffer})", f("trio_4_batch"),
+               "events/s", "raw split + json.loads (the limit)", f("raw_json"),
+               paired=p("fake: trio 4 subs / raw json.loads")),
         Figure(b, "events/s, real QEMU pvpanic, 1 subscriber (QEMU-bound)", r("trio_1_batch"),
                "events/s", "raw socket (QEMU's rate)", r("raw"), target_kind="value_min",
-               target=target),
+               target=target, paired=p("real: trio 1 sub / raw")),
         Figure(b, "events/s, real QEMU pvpanic, 4 subscribers", r("trio_4_batch"), "events/s",
-               "raw socket (QEMU's rate)", r("raw")),
+               "raw socket (QEMU's rate)", r("raw"), paired=p("real: trio 4 subs / raw")),
         Figure(b, "events/s, stop/cont", r("stopcont_trio"), "events/s", "raw socket",
-               r("stopcont_raw")),
-        Figure(b, f"memory peak, slow subscriber, {big:,} events", peak("trio"), "MiB",
-               "qemu.qmp EventListener", peak("asyncio"), "lower"),
+               r("stopcont_raw"), paired=p("stop/cont: trio / raw")),
+        Figure(b, f"memory peak, {big:,} events all kept (stalled subscriber)",
+               peak("trio_all"), "MiB", "qemu.qmp EventListener (keeps all)", peak("asyncio"),
+               "lower"),
+        Figure(b, f"memory peak, {big:,} events, default buffer {buffer} (drops the rest)",
+               peak("trio_bounded"), "MiB", better="lower"),
     ]  # fmt: skip
 
 
@@ -255,17 +336,24 @@ def _console(d: dict[str, Any]) -> list[Figure]:
     def lat(k: str) -> float | None:
         return _get(d, "results", k, "latency_ms")
 
+    def p(k: str) -> float | None:
+        return _get(d, "ratios", k)
+
     b = "console"
     target = _get(d, "target_mb_per_s") or 100.0
     return [
         Figure(b, "console drain, Console.run", mb("console"), "MB/s",
-               "raw Trio receive_some", mb("raw_trio"), target_kind="value_min", target=target),
+               "raw Trio receive_some (the limit)", mb("raw_trio"), target_kind="value_min",
+               target=target, paired=p("Console.run / raw Trio")),
         Figure(b, "console drain + log file", mb("console_log"), "MB/s",
-               "raw Trio receive_some", mb("raw_trio")),
+               "raw Trio receive_some (the limit)", mb("raw_trio"),
+               paired=p("Console.run + log / raw Trio")),
         Figure(b, "wait_for(bytes) latency, end of stream", lat("wait_literal"), "ms",
-               "raw reader + search", lat("raw_search"), "lower"),
+               "raw reader + search", lat("raw_search"), "lower",
+               paired=p("wait_for(bytes) latency / raw search")),
         Figure(b, "wait_for(regex) latency, end of stream", lat("wait_regex"), "ms",
-               "raw reader + search", lat("raw_search"), "lower"),
+               "raw reader + search", lat("raw_search"), "lower",
+               paired=p("wait_for(regex) latency / raw search")),
     ]  # fmt: skip
 
 
@@ -273,17 +361,23 @@ def _boot(d: dict[str, Any]) -> list[Figure]:
     def m(side: str, k: str) -> float | None:
         return _get(d, "median", side, k)
 
+    def p(k: str) -> float | None:
+        return _get(d, "ratios", k)
+
     b = "boot"
     target = _get(d, "target_ratio") or 1.05
     return [
         Figure(b, "boot to shell (tiny guest)", m("trio", "shell"), "s",
-               "raw Popen, same argv", m("raw", "shell"), "lower", "ratio_max", target),
+               "raw Popen, same argv", m("raw", "shell"), "lower", "ratio_max", target,
+               paired=p("boot to shell trio/raw")),
         Figure(b, "boot to ready marker", m("trio", "marker"), "s", "raw Popen, same argv",
-               m("raw", "marker"), "lower"),
+               m("raw", "marker"), "lower", paired=p("boot to marker trio/raw")),
         Figure(b, "shell.run('true') round trips", m("trio", "round_trips_per_s"), "runs/s",
-               "raw protocol, same VM", m("trio", "channel_round_trips_per_s")),
+               "raw protocol, same VM", m("trio", "channel_round_trips_per_s"),
+               paired=p("Shell.run / raw protocol, same VM")),
         Figure(b, "shell.run('true') round trips", m("trio", "round_trips_per_s"), "runs/s",
-               "raw protocol, raw VM", m("raw", "round_trips_per_s")),
+               "raw protocol, raw VM", m("raw", "round_trips_per_s"),
+               paired=p("shell round trips trio/raw")),
     ]  # fmt: skip
 
 
@@ -291,21 +385,74 @@ def _concurrency(d: dict[str, Any]) -> list[Figure]:
     def m(k: str) -> float | None:
         return _get(d, "median", k, "total_s")
 
+    def p(k: str) -> float | None:
+        return _get(d, "ratios", k)
+
     b = "concurrency"
     n = int(_get(d, "params", "vms") or 32)
     per_vm = _get(d, "memory", "traced_per_vm_bytes")
     rss_vm = _get(d, "memory", "rss_per_vm_bytes")
     return [
         Figure(b, f"{n} VMs launch + teardown, open_machines", m("trio_concurrent"), "s",
-               "raw Popen all at once", m("raw_concurrent"), "lower"),
+               "raw Popen all at once", m("raw_concurrent"), "lower",
+               paired=p("concurrent trio/raw (time)")),
         Figure(b, f"{n} VMs launch + teardown, open_machines", m("trio_concurrent"), "s",
-               "trio_qemu serial open_machine", m("trio_serial"), "lower"),
+               "trio_qemu serial open_machine", m("trio_serial"), "lower",
+               paired=p("concurrent/serial trio (time)")),
         Figure(b, f"{n} VMs serial, open_machine", m("trio_serial"), "s",
-               "seed's way, serial", m("seed_serial"), "lower"),
+               "seed's way, serial", m("seed_serial"), "lower",
+               paired=p("serial trio/seed (time)")),
         Figure(b, "Python memory per running VM (traced)",
                None if per_vm is None else per_vm / 1024, "KiB", better="lower"),
         Figure(b, "Python memory per running VM (RSS)",
                None if rss_vm is None else rss_vm / 1024, "KiB", better="lower"),
+    ]  # fmt: skip
+
+
+def _shell_memory(d: dict[str, Any]) -> list[Figure]:
+    b = "shell_memory"
+    out = []
+    sizes = d.get("sizes")
+    for label, row in (sizes if isinstance(sizes, dict) else {}).items():
+        shell = _get(row, "shell", "ratio")
+        floor = _get(row, "floor", "ratio")
+        out.append(Figure(b, f"Shell.run peak RSS growth / output size, {label}", shell,
+                          "x output", better="lower"))  # fmt: skip
+        if floor is not None:
+            out.append(Figure(b, f"raw reader (floor) peak RSS growth / output size, {label}",
+                              floor, "x output", better="lower"))  # fmt: skip
+    return out
+
+
+def _clone(d: dict[str, Any]) -> list[Figure]:
+    def s(variant: str, k: str) -> float | None:
+        value = _get(d, "single", variant, k)
+        return None if value is None else value * 1000
+
+    b = "clone"
+    found = d.get("targets")
+    targets: dict[str, Any] = found if isinstance(found, dict) else {}
+    n = int(_get(d, "params", "concurrent") or 4)
+
+    def together(kind: str, k: str) -> float | None:
+        return _get(d, "together", kind, k)
+
+    pss = {kind: together(kind, "pss_mean") for kind in ("clones", "boots")}
+    return [
+        Figure(b, "clone running (open_clone, sync_guest=False)", s("clone", "running"), "ms",
+               target_kind="value_max" if "clone running ms" in targets else None,
+               target=_get(targets, "clone running ms"), better="lower"),
+        Figure(b, "clone to first command", s("clone", "first_command"), "ms",
+               "full boot to first command", s("boot", "first_command"), "lower",
+               target_kind="value_max" if "clone first command ms" in targets else None,
+               target=_get(targets, "clone first command ms")),
+        Figure(b, "clone + guest sync to first command", s("clone+sync", "first_command"), "ms",
+               "full boot to first command", s("boot", "first_command"), "lower"),
+        Figure(b, f"{n} clones at once, all answered", together("clones", "all_answered"), "s",
+               f"{n} boots at once", together("boots", "all_answered"), "lower"),
+        Figure(b, "PSS per QEMU", None if pss["clones"] is None else pss["clones"] / 2**20,
+               "MiB", "booted machine", None if pss["boots"] is None else pss["boots"] / 2**20,
+               "lower"),
     ]  # fmt: skip
 
 
@@ -316,37 +463,43 @@ COLLECTORS: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "console": _console,
     "boot": _boot,
     "concurrency": _concurrency,
+    "shell_memory": _shell_memory,
+    "clone": _clone,
 }
 
 
-def collect() -> tuple[list[Figure], dict[str, dict[str, Any]]]:
+def collect(kept: dict[str, Path]) -> tuple[list[Figure], dict[str, dict[str, Any]]]:
+    """Every figure; a benchmark whose JSON is missing or malformed contributes none."""
     figures: list[Figure] = []
     sources: dict[str, dict[str, Any]] = {}
     for name, collector in COLLECTORS.items():
-        data = _load(name)
+        data = _load(name, kept.get(name, RESULTS_DIR))
         if data is None:
             continue
+        try:
+            found = collector(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            print(f"{name}.json: unexpected layout ({exc!r}); its figures are left out")
+            continue
         sources[name] = data
-        figures += collector(data)
+        figures += found
     return figures, sources
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "trio_qemu"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip() + (" + uncommitted library changes" if dirty.stdout.strip() else "")
+def _source_info(data: dict[str, Any]) -> dict[str, Any]:
+    env = data.get("environment") or {}
+    git = env.get("git") or {}
+    return {"date": env.get("date"), "commit": git.get("commit"), "dirty": git.get("dirty"),
+            "loadavg": env.get("loadavg")}  # fmt: skip
 
 
-def machine_info(sources: dict[str, dict[str, Any]], quick: bool | None) -> dict[str, Any]:
+def machine_info(sources: dict[str, dict[str, Any]], quick: bool | None,
+                 run: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The machine, the code measured and the run (``run``: what ``main`` recorded)."""
     env = environment()
     boot = sources.get("boot", {})
-    dates = sorted(str(s.get("environment", {}).get("date")) for s in sources.values()
-                   if s.get("environment", {}).get("date"))  # fmt: skip
+    infos = {name: _source_info(data) for name, data in sources.items()}
+    dates = sorted(str(i["date"]) for i in infos.values() if i["date"])
     modes = {bool(s.get("params", {}).get("quick")) for s in sources.values()
              if isinstance(s.get("params"), dict) and "quick" in s["params"]}  # fmt: skip
     return {
@@ -359,9 +512,10 @@ def machine_info(sources: dict[str, dict[str, Any]], quick: bool | None) -> dict
         "trio": env["trio"],
         "qemu.qmp": env["qemu.qmp"],
         "trio-qemu": env["trio-qemu"],
-        "commit": _git_commit(),
         "platform": env["platform"],
-        "date": env["date"],
+        "date": run.get("started") or env["date"],
+        "run": run,
+        "sources": infos,
         "results_from": [dates[0], dates[-1]] if dates else None,
         "quick": quick if quick is not None else (True in modes),
     }
@@ -393,6 +547,9 @@ def write_chart(figures: list[Figure], machine: dict[str, Any]) -> Path | None:
     matplotlib.use("Agg")
     plt: Any = importlib.import_module("matplotlib.pyplot")
     compared = [f for f in figures if f.relative_speed is not None]
+    if not compared:
+        plt.close("all")
+        return None
     targeted = [f for f in figures if f.target_progress is not None]
     height = max(6.0, 0.42 * len(compared) + 2.5)
     fig, (left, right) = plt.subplots(
@@ -400,10 +557,10 @@ def write_chart(figures: list[Figure], machine: dict[str, Any]) -> Path | None:
     )
     mode = "QUICK MODE (small sizes, indicative only)" if machine.get("quick") else "full sizes"
     fig.suptitle(
-        f"trio_qemu benchmarks - {machine['date'][:10]} - {machine['cpu_model']}, "
-        f"{machine['cpus']} cores, accel {machine.get('accel_boot') or machine['accel_auto']}"
-        f" - {mode}",
-        fontsize=12,
+        f"trio_qemu benchmarks - {_commit_text(machine)} - {machine['date'][:10]} - "
+        f"{machine['cpu_model']}, {machine['cpus']} cores, accel "
+        f"{machine.get('accel_boot') or machine['accel_auto']} - {mode}",
+        fontsize=11,
     )
 
     names = [f"[{f.benchmark}] {_label(f)}" for f in compared][::-1]
@@ -441,6 +598,8 @@ def write_chart(figures: list[Figure], machine: dict[str, Any]) -> Path | None:
         right.set_yticks(range(len(progress)), tnames, fontsize=8)
         right.axvline(1.0, color="black", linewidth=1.5, linestyle="--")
         right.set_xscale("log")
+        ticker: Any = importlib.import_module("matplotlib.ticker")
+        right.xaxis.set_minor_formatter(ticker.NullFormatter())  # overlapping labels
         right.set_xlim(min([*progress, 0.5]) / 1.5, max([*progress, 2.0]) * 4)
         right.set_xlabel("measured / target (>= 1: met)")
         right.set_title("targets")
@@ -458,27 +617,113 @@ def write_chart(figures: list[Figure], machine: dict[str, Any]) -> Path | None:
     return path
 
 
+def _commit_text(machine: dict[str, Any]) -> str:
+    git = (machine.get("run") or {}).get("git") or {}
+    commit = git.get("commit") or "commit n/a"
+    if git.get("dirty") is None:
+        return commit
+    return f"{commit}{' (dirty tree)' if git.get('dirty') else ''}"
+
+
+def _load_text(values: Sequence[float] | None) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) if values else "n/a"
+
+
+def _git_text(git: dict[str, Any]) -> str:
+    if not git.get("commit"):
+        return "n/a (not a git checkout)"
+    text = f"`{git['commit']}` (`git rev-parse --short HEAD`)"
+    if git.get("dirty") is None:
+        return text
+    if not git["dirty"]:
+        return text + ", clean tree"
+    paths = git.get("dirty_paths") or []
+    lib = [p for p in paths if p.startswith("trio_qemu/")]
+    shown = ", ".join(f"`{p}`" for p in paths[:12]) + (", ..." if len(paths) > 12 else "")
+    text += (f", **dirty tree**: {len(paths)} path(s) changed or untracked "
+             f"({len(lib)} under `trio_qemu/`): {shown}")  # fmt: skip
+    return text
+
+
 def _machine_table(machine: dict[str, Any]) -> list[str]:
     accel = machine.get("accel_boot") or machine["accel_auto"]
-    rows = [
+    run = machine.get("run") or {}
+    rows: list[tuple[str, str]] = []
+    if run.get("git"):
+        rows.append(("commit measured", _git_text(run["git"])))
+        end = run.get("git_end") or {}
+        if end.get("commit") and end.get("commit") != run["git"].get("commit"):
+            rows.append(("commit at the end", f"`{end['commit']}`: HEAD moved during the run"))
+    if run.get("started"):
+        duration = run.get("seconds")
+        took = f" ({duration / 60:.1f} min)" if isinstance(duration, int | float) else ""
+        rows.append(("date", f"{run['started']} to {run.get('finished', '?')}{took}"))
+    else:
+        rows.append(("date", f"{machine['date']} (reports rebuilt with `--no-run`)"))
+    rows += [
         ("CPU", machine["cpu_model"]),
         ("cores", str(machine["cpus"])),
+    ]
+    if run.get("loadavg_start") is not None:
+        rows.append(("load average at start (1 / 5 / 15 min)", _load_text(run["loadavg_start"])))
+    if run.get("loadavg_end") is not None:
+        rows.append(("load average at the end", _load_text(run["loadavg_end"])))
+    rows += [
         ("accelerator", f"{accel} (`accel=\"auto\"` here; the event flood always uses tcg)"),
         ("QEMU", machine["qemu"] or "n/a"),
         ("Python", machine["python"]),
         ("trio", machine["trio"] or "n/a"),
         ("qemu.qmp", machine["qemu.qmp"] or "n/a"),
-        ("trio-qemu", f"{machine['trio-qemu']}, commit {machine['commit'] or 'n/a'}"),
+        ("trio-qemu", machine["trio-qemu"] or "n/a"),
         ("OS", machine["platform"]),
-        ("date", machine["date"]),
-        ("mode", "quick (small sizes: numbers are indicative only)" if machine.get("quick")
-         else "full sizes"),
+        ("sizes", "quick (small sizes: indicative only)" if machine.get("quick")
+         else "the recorded sizes in `BENCHES` (listed below)"),
     ]  # fmt: skip
-    if machine.get("results_from"):
-        first, last = machine["results_from"]
-        rows.append(("results measured", f"{first} to {last}"))
     lines = ["| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows]
+    return lines
+
+
+def _runs_table(machine: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[str]:
+    sources = machine.get("sources") or {}
+    lines = [
+        "| benchmark | arguments | sizes | seconds | load (1 min) before -> after | "
+        "its JSON: commit, date |",
+        "|---|---|---|--:|---|---|",
+    ]
+    for name in sorted(set(runs) | set(sources), key=_order):
+        run = runs.get(name, {})
+        src = sources.get(name, {})
+        before, after = run.get("loadavg_before"), run.get("loadavg_after")
+        load = f"{before[0]:.2f} -> {after[0]:.2f}" if before and after else ""
+        status = ""
+        if run and run.get("returncode"):
+            status = f" FAILED ({run['returncode']})"
+        elif not run:
+            status = " (not run this time)"
+        kept = " (JSON kept out of `benchmarks/results/`)" if run.get("results_kept_out") else ""
+        args = "`" + " ".join(run["argv"]) + "`" if run.get("argv") else ""
+        dirty = " + dirty tree" if src.get("dirty") else ""
+        made = f"{src.get('commit') or 'n/a'}{dirty}, {src.get('date') or 'n/a'}" if src else "-"
+        lines.append(f"| {name}{status} | {args}{kept} | {run.get('sizes', '')} | "
+                     f"{run.get('seconds', '')} | {load} | {made} |")  # fmt: skip
+    return lines
+
+
+def _order(name: str) -> int:
+    names = [b.name for b in BENCHES]
+    return names.index(name) if name in names else len(names)
+
+
+def _methods(sources: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for name in sorted(sources, key=_order):
+        method = sources[name].get("method")
+        if isinstance(method, dict):
+            parts = [f"{part}: {text}" for part, text in method.items() if text]
+            method = "; ".join(parts) if parts else None
+        text = method or "not recorded in its JSON (see the script's docstring)"
+        lines.append(f"- `{name}.py`: {text}")
     return lines
 
 
@@ -488,7 +733,9 @@ def _figure_table(figures: list[Figure]) -> list[str]:
         "|---|---|--:|---|--:|--:|---|---|",
     ]
     for f in figures:
-        ratio = f"{f.ratio:.2f}x" if f.ratio is not None else ""
+        ratio = ""
+        if f.ratio is not None:
+            ratio = f"{f.ratio:.2f}x" + ("" if f.ratio_method == "paired" else " (m)")
         target = ""
         if f.target_text:
             progress = f.target_progress
@@ -502,22 +749,87 @@ def _figure_table(figures: list[Figure]) -> list[str]:
     return lines
 
 
+def _all_ratios(sources: dict[str, dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for name in sorted(sources, key=_order):
+        ratios = sources[name].get("ratios")
+        if not isinstance(ratios, dict) or not ratios:
+            continue
+        shown = "; ".join(f"{key} **{value:.2f}x**" if isinstance(value, int | float)
+                          and math.isfinite(value) else f"{key} n/a"
+                          for key, value in ratios.items())  # fmt: skip
+        lines.append(f"- `{name}.py`: {shown}")
+    return lines
+
+
+def _event_details(data: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for part, title in (("fake_peer", "fake peer"), ("real_qemu", "real QEMU")):
+        variants = data.get(part)
+        if not isinstance(variants, dict) or not variants:
+            continue
+        lines += ["", f"`events.py`, {title} (delivered / dropped per subscriber: the last "
+                  "counted run):", "",
+                  "| variant | events/s (median) | delivered / dropped | QEMU RSS growth | lag |",
+                  "|---|--:|---|--:|--:|"]  # fmt: skip
+        for v in variants.values():
+            runs = v.get("runs") or [{}]
+            last = runs[-1]
+            subs = ", ".join(f"{d:,} / {x:,}" for d, x in zip(last.get("delivered") or [],
+                             last.get("dropped") or [], strict=False))  # fmt: skip
+            rss = last.get("qemu_rss_growth_mib")
+            lag = last.get("lag_s")
+            lines.append(f"| {v.get('label', '?')} | {_num(v.get('events_per_s'))} | {subs} | "
+                         f"{'' if rss is None else f'{rss} MiB'} | "
+                         f"{'' if lag is None else f'{lag} s'} |")  # fmt: skip
+    memory = data.get("memory")
+    kinds = data.get("memory_kinds") or {}
+    if isinstance(memory, dict) and any(memory.values()):
+        lines += ["", "`events.py`, memory while a subscriber reads nothing until the flood "
+                  "ends (tracemalloc peak above the start, the median run):", "",
+                  "| subscriber | events | peak | per event | held | dropped |",
+                  "|---|--:|--:|--:|--:|--:|"]  # fmt: skip
+        for kind, rows in memory.items():
+            for row in rows:
+                lines.append(
+                    f"| {kinds.get(kind, kind)} | {row.get('events', 0):,} | "
+                    f"{row.get('peak_bytes', 0) / 2**20:.2f} MiB | "
+                    f"{row.get('bytes_per_event', 0):,.0f} B | {row.get('held', 0):,} | "
+                    f"{row.get('dropped', 0):,} |"
+                )
+    return lines
+
+
 def generated_block(figures: list[Figure], machine: dict[str, Any],
-                    runs: dict[str, dict[str, Any]], chart: bool) -> str:  # fmt: skip
-    lines = [BEGIN, "", "## Results", "", "### Machine", ""]
+                    runs: dict[str, dict[str, Any]], sources: dict[str, dict[str, Any]],
+                    chart: bool) -> str:  # fmt: skip
+    lines = [BEGIN, "", "## Results", "",
+             "Everything between the markers is written by `benchmarks/run_all.py` from the "
+             "JSON files of one run; nothing here is typed by hand.", "",
+             "### Run and machine", ""]  # fmt: skip
     lines += _machine_table(machine)
-    if runs:
-        lines += ["", "Load average (1 min) before and after each benchmark, as a measure of "
-                  "how disturbed the run was:", ""]  # fmt: skip
-        for name, run in runs.items():
-            before, after = run.get("loadavg_before"), run.get("loadavg_after")
-            status = "" if run["returncode"] == 0 else f", FAILED ({run['returncode']})"
-            lines.append(f"- {name}: {before[0] if before else '?'} -> "
-                         f"{after[0] if after else '?'}, {run['seconds']} s{status}")  # fmt: skip
+    lines += ["", "### Benchmarks run", "",
+              "Each in a fresh interpreter, one after another. The load average is the "
+              "machine's own (other work on it included).", ""]  # fmt: skip
+    lines += _runs_table(machine, runs)
+    lines += ["", "### Method, as each benchmark recorded it", ""]
+    lines += _methods(sources)
     lines += ["", "### Figures", "",
-              "`ratio` is trio_qemu / baseline; `better` says which direction is better for "
-              "that figure.", ""]  # fmt: skip
+              "`ratio` is trio_qemu / baseline: the median over rounds of the ratio of the two "
+              "variants measured in the same round, as the benchmark computed it; `(m)` marks "
+              "a ratio of the two medians shown instead (a single measurement per side, or "
+              "no per-round ratio recorded). `better` says which direction is better for that "
+              "figure.", ""]  # fmt: skip
     lines += _figure_table(figures)
+    ratios = _all_ratios(sources)
+    if ratios:
+        lines += ["", "### Every ratio the benchmarks printed", ""]
+        lines += ratios
+    if "events" in sources:
+        details = _event_details(sources["events"])
+        if details:
+            lines += ["", "### Event details"]
+            lines += details
     if chart:
         lines += ["", "![summary chart](../benchmarks/results/summary.png)"]
     lines += ["", END]
@@ -555,44 +867,87 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run nothing; rebuild summary, chart and docs from the JSON files",
     )
+    parser.add_argument(
+        "--keep-results",
+        default="",
+        help="comma-separated benchmarks whose JSON goes to a temporary directory instead of "
+        "benchmarks/results/ (their figures still reach the summary and the page)",
+    )
     options = parser.parse_args(argv)
+    names = {b.name for b in BENCHES}
     benches = list(BENCHES)
     if options.only:
         wanted = options.only.split(",")
-        unknown = set(wanted) - {b.name for b in BENCHES}
+        unknown = set(wanted) - names
         if unknown:
             parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
         benches = [b for b in BENCHES if b.name in wanted]
-    runs: dict[str, dict[str, Any]] = {}
-    if not options.no_run:
-        runs = run_benchmarks(benches, options.quick)
-    else:  # keep what the last run recorded about itself (load averages, durations)
-        previous = _load("summary") or {}
-        runs = previous.get("runs") or {}
-    figures, sources = collect()
+    keep = [k for k in options.keep_results.split(",") if k]
+    if set(keep) - names:
+        parser.error(f"--keep-results: unknown {', '.join(sorted(set(keep) - names))}")
+    if keep and options.no_run:
+        parser.error("--keep-results needs a run")
+
+    with tempfile.TemporaryDirectory(prefix="trio-qemu-bench-kept-") as tmp:
+        kept = {name: Path(tmp) for name in keep}
+        runs: dict[str, dict[str, Any]] = {}
+        run: dict[str, Any] = {}
+        failed: list[str] = []
+        if not options.no_run:
+            start = time.perf_counter()
+            run = {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "loadavg_start": loadavg(),
+                "git": git_state(),
+                "quick": options.quick,
+            }
+            print(f"commit {_git_text(run['git'])}; load average {_load_text(run['loadavg_start'])}"
+                  f"; {os.cpu_count()} cores")  # fmt: skip
+            runs = run_benchmarks(benches, options.quick, kept)
+            failed = [name for name, r in runs.items() if r.get("returncode")]
+            run.update(
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                seconds=round(time.perf_counter() - start, 1),
+                loadavg_end=loadavg(),
+                git_end={k: v for k, v in git_state().items() if k != "dirty_paths"},
+            )
+            if options.only:  # keep what the last run recorded about the others
+                previous = (_load("summary") or {}).get("runs") or {}
+                runs = {**{k: v for k, v in previous.items() if k not in runs}, **runs}
+        else:  # keep what the last run recorded about itself (load averages, durations)
+            previous = _load("summary") or {}
+            runs = previous.get("runs") or {}
+            run = (previous.get("machine") or {}).get("run") or {}
+        figures, sources = collect(kept)
     if not figures:
         print("no results found in benchmarks/results/: run the benchmarks first")
         return 1
-    machine = machine_info(sources, options.quick if not options.no_run else None)
+    machine = machine_info(sources, options.quick if not options.no_run else None, run)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     summary = write_summary(figures, machine, runs)
     chart = write_chart(figures, machine)
-    doc = write_doc(generated_block(figures, machine, runs, chart is not None))
+    stale = RESULTS_DIR / "summary.png"
+    if chart is None and stale.exists():
+        stale.unlink()
+        print(f"removed {stale}: it was drawn by an earlier run")
+    doc = write_doc(generated_block(figures, machine, runs, sources, chart is not None))
 
-    print("\n===== summary (ratio = trio_qemu / baseline)")
+    print("\n===== summary (ratio = trio_qemu / baseline; (m): ratio of medians)")
     width = max(len(f.figure) for f in figures)
     for f in figures:
         ratio = f"{f.ratio:6.2f}x" if f.ratio is not None else "       "
+        ratio += " (m)" if f.ratio_method == "medians" else "    "
         target = ""
         if f.target_text and f.target_progress is not None:
             target = f"  target {f.target_text}: {'met' if f.target_progress >= 1 else 'MISSED'}"
         base = f" vs {f.baseline} {_num(f.baseline_value, f.unit)}" if f.baseline else ""
         print(f"  {f.figure:<{width}} {_num(f.value, f.unit):>16} {ratio}{base}{target}")
+    if run.get("seconds") is not None:
+        print(f"\nthe run took {run['seconds']} s ({run['seconds'] / 60:.1f} min)")
     print(f"\nwritten: {summary}")
     if chart is not None:
         print(f"written: {chart}")
     print(f"written: {doc}")
-    failed = [name for name, run in runs.items() if run["returncode"]]
     if failed:
         print(f"FAILED: {', '.join(failed)}")
         return 1

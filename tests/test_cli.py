@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ import trio
 import trio_qemu
 from trio_qemu import __main__ as cli_main
 from trio_qemu._tempdirs import OWNER_FILE, create_machine_dir
+from trio_qemu.guest import default_cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,3 +177,109 @@ def test_clean_removes_dead_controllers_dirs(
     assert "no stale machine directories" in capsys.readouterr().out
     assert cli_main.main(["clean", "--base", str(tmp_path / "missing")]) == 1
     assert "is not a directory" in capsys.readouterr().err
+
+
+# -- templates ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def template_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``$TRIO_QEMU_CACHE``, empty but for the usual cache's guests (no guest build); its
+    templates are removed afterwards (their RAM files are large)."""
+    guests = default_cache_dir() / "guest"
+    guests.mkdir(parents=True, exist_ok=True)
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "guest").symlink_to(guests)
+    monkeypatch.setenv("TRIO_QEMU_CACHE", str(root))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _fake_template(templates: Path, key: str, **manifest: object) -> Path:
+    path = templates / key
+    path.mkdir(parents=True)
+    (path / "state").write_bytes(b"s" * 8192)
+    (path / "manifest.json").write_text(json.dumps({"key": key, **manifest}))
+    return path
+
+
+def test_template_build_list_clear(template_cache: Path) -> None:
+    """Build boots the tiny guest once; a second build, list and clear use what it made."""
+    result = run_cli("template", "build", timeout=300)
+    assert result.returncode == 0, result.stderr
+    match = re.fullmatch(r"template (\w+) ready \(made in [\d.]+ s\): (\S+)\n", result.stdout)
+    assert match, result.stdout
+    key, path = match.groups()
+    assert Path(path) == template_cache / "templates" / key
+    assert {"manifest.json", "ram", "state"} <= set(os.listdir(path))
+    assert f"template {key}: " in result.stderr  # the steps, as they happened
+    created = json.loads((Path(path) / "manifest.json").read_text())["created"]
+
+    again = run_cli("template", "build")
+    assert again.returncode == 0 and again.stdout == result.stdout, again.stderr
+    assert json.loads((Path(path) / "manifest.json").read_text())["created"] == created
+
+    listed = run_cli("template", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert re.fullmatch(
+        rf"{key}  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d  made in [\d.]+ s  memory 256 MiB  "
+        r"[\d.]+ MiB on disk\n",
+        listed.stdout,
+    ), listed.stdout
+
+    # A maker holds the lock: clear leaves the template alone and says so.
+    lock = template_cache / "templates" / f"{key}.lock"
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        blocked = run_cli("template", "clear", "--key", key)
+    assert blocked.returncode == 1 and blocked.stdout == ""
+    assert f"skipped {key}: a maker holds its lock" in blocked.stderr
+    assert Path(path, "ram").exists()
+
+    cleared = run_cli("template", "clear")
+    assert cleared.returncode == 0, cleared.stderr
+    assert re.fullmatch(rf"removed {key} \([\d.]+ MiB\)\n", cleared.stdout), cleared.stdout
+    assert os.listdir(template_cache / "templates") == []  # lock file included
+    listed = run_cli("template", "list")
+    assert listed.stdout == f"no templates in {template_cache / 'templates'}\n"
+
+
+def test_template_list_and_clear_without_qemu(
+    template_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    templates = template_cache / "templates"
+    assert cli_main.main(["template", "list"]) == 0
+    assert capsys.readouterr().out == f"no templates in {templates}\n"
+    assert cli_main.main(["template", "clear"]) == 0
+    assert capsys.readouterr().out == f"no templates in {templates}\n"
+
+    _fake_template(
+        templates, "aaa", created=0, made_in=4.25, ram={"size": 64 << 20},
+        signature={"key": "my-prepare-v2"},
+    )  # fmt: skip
+    _fake_template(templates, "bbb")  # an older layout: no figures
+    (templates / "ccc").mkdir()  # no manifest
+    (templates / "aaa.lock").touch()
+    (templates / ".build-aaa-x1y2z3w4").mkdir()  # a killed maker's left-overs
+    (templates / ".trash-bbb-0123abcd").mkdir()
+    assert cli_main.main(["template", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(0))
+    assert re.fullmatch(
+        rf"aaa  {stamp}  made in 4\.2 s  memory 64 MiB  \d+\.\d MiB on disk  key=my-prepare-v2",
+        lines[0],
+    ), lines
+    assert re.fullmatch(r"bbb  \d+\.\d MiB on disk", lines[1]), lines
+    assert lines[2].startswith("ccc  unusable: no readable manifest (")
+    assert len(lines) == 3
+
+    assert cli_main.main(["template", "clear", "--key", "zzz"]) == 1
+    assert "error: no template zzz in" in capsys.readouterr().err
+    assert cli_main.main(["template", "clear", "--key", "aaa"]) == 0
+    assert capsys.readouterr().out.startswith("removed aaa (")
+    assert sorted(os.listdir(templates)) == [".trash-bbb-0123abcd", "bbb", "ccc"]
+    assert cli_main.main(["template", "clear"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["removed bbb", "removed ccc"]
+    assert os.listdir(templates) == []

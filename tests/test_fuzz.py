@@ -1,11 +1,13 @@
-"""Cancellation fuzz (seeded, 200 cancellation points in all) against a real QEMU under TCG:
+"""Cancellation fuzz (seeded, 210 cancellation points in all) against a real QEMU under TCG:
 a run cut short at any point leaks nothing, and a machine whose block is cut ends gracefully.
 
 - ``-machine none`` lifecycles (launch, QMP commands including ``query-qmp-schema``,
-  subscriptions, event waits, concurrent calls, teardown), SeaBIOS console waits, and
-  ``shell.run`` in booted tiny guests. Half the cuts are timed (``move_on_after``); the
-  other half land after the N-th task step of the run, counted by a Trio instrument, so they
-  fall exactly on a checkpoint (see :mod:`reliability`).
+  subscriptions, event waits, concurrent calls, teardown), SeaBIOS console waits,
+  ``shell.run`` in booted tiny guests, and a tiny-guest clone's restore on a switch
+  (launch, ``migrate-incoming`` and ``cont``, the guest sync with its identity). Half the
+  cuts are timed (``move_on_after``); the other half land after the N-th task step of the
+  run, counted by a Trio instrument, so they fall exactly on a checkpoint (see
+  :mod:`reliability`); the clone's cuts are all timed, spread over its phases.
 - After every trial, a census (:mod:`census`): no QEMU child of this process (zombies
   included), exactly the fds of a baseline taken after a warm-up, no temporary directory
   left under a dedicated ``base_temp_dir``, no unix socket bound there.
@@ -41,6 +43,9 @@ from reliability import (
 
 import trio_qemu
 from trio_qemu.guest import GuestImage
+from trio_qemu.network import Switch
+from trio_qemu.snapshot import Template, ensure_template, restore
+from trio_qemu.snapshot._clone import _sync_guest
 
 SEED = 20240607
 
@@ -168,6 +173,86 @@ async def test_cancel_fuzz_console(tmp_path: Path) -> None:
     assert tally.total("launch") >= 1, tally.phases
     waits = ("wait_for", "wait_for_regex", "write", "lines", "wait_for_reboot")
     assert sum(1 for p in waits if tally.total(p)) >= 3, tally.phases
+
+
+# -- a clone's restore, on a switch --------------------------------------------------------------
+_CLONE_PHASES = ("launch", "restore", "sync", "command", "teardown")
+#: Timed cuts per phase of an uncut run (10 in all): most where a clone is restored.
+_CLONE_CUTS = (2, 3, 3, 1, 1)
+
+
+async def _clone_lifecycle(
+    template: Template, base: Path, run: Run, starts: dict[str, float] | None = None
+) -> None:
+    """``open_clone``'s two halves, step by step, for a clone on a switch: launch it
+    (``switch.open_machines``), restore it (``migrate-incoming``, ``cont``), sync the guest
+    with the clone's identity as the setup (clock, RNG, MAC, address: one guest command),
+    use it, tear it down. ``starts`` gets each phase's start, in seconds from the run's."""
+    begin = trio.current_time()
+
+    def mark(phase: str) -> None:
+        run.marks.append(phase)
+        if starts is not None:
+            starts[phase] = trio.current_time() - begin
+
+    mark("launch")
+    async with Switch("fuzz").running() as switch:
+        config = switch.attach(
+            template.config(name="clone", base_temp_dir=base), ip="10.0.0.1/24"
+        )
+        async with switch.open_machines(config) as (vm,):
+            run.vm = vm
+            mark("restore")
+            await restore(vm, template, sync_guest=False)
+            mark("sync")
+            await _sync_guest(vm, 60, sync=True, setup=switch.identity_command(vm))
+            mark("command")
+            result = await vm.shell.run("cat /sys/class/net/eth0/address", timeout=60)
+            assert result.stdout.decode().strip() == switch.mac(vm)
+            mark("teardown")
+    mark("completed")
+
+
+async def test_cancel_fuzz_clone_restore(tmp_path: Path, tiny_guest: GuestImage) -> None:
+    """About 10 cuts spread over the phases of a clone's restore (timed, each at a random
+    point of its phase in an uncut run): nothing is left behind, and a clone whose block
+    was cut obeys ``quit``."""
+    rng = random.Random(SEED + 3)
+    base = make_base(tmp_path)
+    with Switch("fuzz") as maker:
+        config = maker.attach_template(tiny_guest.config(memory=128))
+        template = await ensure_template(config, key="fuzz-clone-v1", cache_dir=tmp_path / "cache")
+    # Two uncut runs: the warm-up (lazily opened fds), then the phases' start times.
+    starts: dict[str, float] = {}
+    for _ in range(2):
+        await _clone_lifecycle(template, base, Run(), starts)
+    census = Census(base)
+    tally = Tally()
+    start = time.monotonic()
+    trial = 0
+    for phase, cuts in zip(_CLONE_PHASES, _CLONE_CUTS, strict=True):
+        after = list(starts)[list(starts).index(phase) + 1]
+        for _ in range(cuts):
+            cut = Cut("time", rng.uniform(starts[phase], starts[after]))
+            run = Run()
+            with trio.fail_after(120), cut_after(cut) as (scope, _):
+                await _clone_lifecycle(template, base, run)
+            landed = run.marks[-1] if scope.cancelled_caught else "completed"
+            how = ending(run.vm)
+            tally.add(cut, landed, how)
+            where = f"trial {trial} (aimed at {phase}, {cut.describe()}, landed in {landed})"
+            assert (run.vm is None) == (landed == "launch"), f"{where}: {how}"
+            if run.vm is not None:
+                assert how == "graceful", f"{where}: QEMU ended {how}\n{run.vm.log[-2000:]}"
+            census.check(where)
+            trial += 1
+    print(
+        f"clone restore: {trial} cuts in {time.monotonic() - start:.1f} s; phases of an uncut "
+        + ", ".join(f"{p} {starts[p] * 1000:.0f} ms" for p in starts)
+        + f"; landed: {tally.phases}; endings: {tally.endings}"
+    )
+    assert tally.landed() >= trial * 0.7, tally.phases
+    assert tally.total("restore") + tally.total("sync") >= 3, tally.phases
 
 
 # -- shell commands in a booted guest ------------------------------------------------------------

@@ -4,6 +4,7 @@ what went wrong, and nothing is left behind: no process, no temporary directory.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -196,4 +197,40 @@ async def test_unopenable_console_log_is_a_launch_error(base: Path, tmp_path: Pa
     assert isinstance(err.__cause__, FileNotFoundError)
     assert not spy.exists(), "QEMU was started"
     assert qemu_children() == set()
+    assert os.listdir(base) == []
+
+
+_OUT_OF_FDS = r"""
+import os, resource, sys, trio, trio_qemu
+base = sys.argv[1]
+async def main():
+    configs = [trio_qemu.MachineConfig(machine="none", name=f"m{i}", base_temp_dir=base)
+               for i in range(30)]
+    try:
+        async with trio_qemu.open_machines(*configs):
+            print("LAUNCHED")
+    except trio_qemu.LaunchError as exc:
+        print("LAUNCHERROR", str(exc).splitlines()[0])
+    except BaseException as exc:
+        print("OTHER", type(exc).__name__, exc)
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 40, open_now + 40))
+trio.run(main)
+print("LEFT", len(os.listdir(base)))
+"""
+
+
+def test_running_out_of_fds_is_a_launch_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """30 machines with room for ~40 more fds: the launch fails as a LaunchError naming the
+    cause (a bare OSError before), and no temp dir or QEMU is left behind."""
+    base = tmp_path / "base"
+    base.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_FDS, str(base)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    out = result.stdout
+    assert "LAUNCHERROR" in out, (out, result.stderr[-2000:])
+    assert "Too many open files" in out, out
+    assert "LEFT 0" in out, out
     assert os.listdir(base) == []

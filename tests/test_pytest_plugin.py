@@ -3,9 +3,13 @@ project of its own under the temporary directory, outside this repository)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -222,6 +226,117 @@ def test_machine_dying_mid_command_is_reported_once(pytester: pytest.Pytester) -
     # The guest really wrote escapes: the report removed them.
     assert b"\x1b[1;31mRED-TEXT" in (pytester.path / "console.log").read_bytes()
     assert _gone(int((pytester.path / "pid").read_text()))
+
+
+CLONE_TESTS = """
+import json, os, time
+import pytest
+from trio_qemu.snapshot import TemplateError
+
+def record(name, vm, template):
+    (mem,) = [arg for arg in vm.argv if "mem-path=" in arg]
+    ram = mem.split("mem-path=", 1)[1].split(",", 1)[0]
+    entry = {"test": name, "ram": ram, "template": str(template.path),
+             "created": template.manifest["created"], "started": STARTED[name],
+             "worker": os.environ.get("PYTEST_XDIST_WORKER", "-")}
+    with open(os.environ["RECORD"], "a") as file:
+        file.write(json.dumps(entry) + "\\n")
+
+STARTED = {}
+
+@pytest.fixture(autouse=True)
+def started(request):
+    STARTED[request.node.name] = time.time()
+
+async def test_a_writes(fresh_guest, guest_template):
+    assert "-incoming" in fresh_guest.argv
+    await fresh_guest.shell.run("echo one > /root/mark", check=True)
+    assert (await fresh_guest.shell.run("cat /root/mark")).stdout == b"one\\n"
+    record("test_a_writes", fresh_guest, guest_template)
+
+async def test_b_is_fresh(fresh_guest, guest_template, machine):
+    assert (await fresh_guest.shell.run("test -e /root/mark")).returncode == 1
+    record("test_b_is_fresh", fresh_guest, guest_template)
+    # a second clone of the same template in the same test, named
+    other = await machine(clone=guest_template, name="second")
+    assert other.name == "second"
+    assert (await other.shell.run("echo $((6*7))")).stdout == b"42\\n"
+    # what the guest would see differently cannot come from this template
+    with pytest.raises(TemplateError, match="memory"):
+        await machine(clone=guest_template, memory=128)
+"""
+
+FAILING_CLONE_TEST = """
+async def test_fails_on_purpose(fresh_guest):
+    assert (await fresh_guest.shell.run("true")).returncode == 1
+"""
+
+
+def _template_cache(root: Path) -> Path:
+    """An empty template cache whose ``guest`` is the usual cache's (no guest build)."""
+    from trio_qemu.guest import default_cache_dir
+
+    guests = default_cache_dir() / "guest"
+    guests.mkdir(parents=True, exist_ok=True)
+    root.mkdir()
+    (root / "guest").symlink_to(guests)
+    return root
+
+
+@pytest.mark.slow
+def test_fresh_guest_clones_one_template_per_cache(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each test gets its own clone; the template is made once (one boot) for the two
+    xdist workers, then reused by a later session, its tests and failure reports."""
+    cache = _template_cache(tmp_path / "cache")
+    record = tmp_path / "record.jsonl"
+    monkeypatch.setenv("TRIO_QEMU_CACHE", str(cache))
+    monkeypatch.setenv("RECORD", str(record))
+    pytester.makeini(PLAIN_INI)
+    pytester.makepyfile(test_clones=CLONE_TESTS)
+    try:
+        # Two workers, each a test, an empty cache: both want the template at once.
+        result = pytester.runpytest_subprocess(*NO_CACHE, "-n", "2")
+        result.assert_outcomes(passed=2)
+        first = [json.loads(line) for line in record.read_text().splitlines()]
+        assert {entry["worker"] for entry in first} == {"gw0", "gw1"}
+        templates = [p for p in (cache / "templates").iterdir() if not p.name.endswith(".lock")]
+        assert [p.name for p in templates] == [templates[0].name]  # one, no left-overs
+        made = json.loads((templates[0] / "manifest.json").read_text())["created"]
+        for entry in first:
+            assert entry["template"] == str(templates[0])
+            assert entry["ram"] == str(templates[0] / "ram")
+            assert entry["created"] == made
+
+        # A new session, one process: both tests clone that template; nobody boots.
+        record.unlink()
+        pytester.makepyfile(test_failing=FAILING_CLONE_TEST)
+        result = pytester.runpytest_subprocess(*NO_CACHE, "-p", "no:xdist")
+        result.assert_outcomes(passed=2, failed=1)
+        second = [json.loads(line) for line in record.read_text().splitlines()]
+        assert [entry["test"] for entry in second] == ["test_a_writes", "test_b_is_fresh"]
+        for entry in second:
+            assert entry["template"] == str(templates[0]) and entry["created"] == made
+            assert entry["started"] > made
+        assert json.loads((templates[0] / "manifest.json").read_text())["created"] == made
+        out = result.stdout.str()
+        # The failing test's clone is reported, as which template's clone.
+        assert out.count("trio_qemu machine ") == 1
+        assert f"clone of template {templates[0].name} ({templates[0]})" in out
+        assert "-incoming defer" in out
+
+        # `python -m trio_qemu template build` names the same template: it can make it
+        # ahead of a test run.
+        built = subprocess.run(
+            [sys.executable, "-m", "trio_qemu", "template", "build"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert built.returncode == 0, built.stderr
+        assert built.stdout.startswith(f"template {templates[0].name} ready")
+        assert json.loads((templates[0] / "manifest.json").read_text())["created"] == made
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)  # its RAM file is large
 
 
 @pytest.mark.parametrize(

@@ -209,7 +209,7 @@ async def test_values_reach_qemu_literally(tmp_path: Path) -> None:
     base = make_base(tmp_path)
     marker = tmp_path / "pwned"
     evil = f"$(touch {marker}1) `touch {marker}2` ; touch {marker}3 | touch {marker}4 && x"
-    name = "n$(id)`id`;x|y&z"  # the name becomes file names: no "/" (that is a LaunchError)
+    name = "n$(id)`id`;x|y&z"  # the name becomes file names ("/" would be replaced by "_")
     async with trio_qemu.open_machine(
         machine="none",
         name=name,

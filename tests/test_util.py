@@ -15,6 +15,7 @@ from trio_qemu._util import (
     BlockOutcome,
     BoundedStream,
     LineSplitter,
+    ShieldOnStart,
     keyboard_interrupt_in,
     only_cancelled,
     open_service_nursery,
@@ -422,6 +423,35 @@ async def test_failure_does_not_replace_a_real_error_or_a_normal_end() -> None:
         pass  # ended normally: nothing to replace
 
 
+# --- ShieldOnStart -------------------------------------------------------------------------
+
+
+async def test_shield_on_start_shields_only_a_moved_task() -> None:
+    shields: list[bool] = []
+
+    async def service(*, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            status = ShieldOnStart(task_status, scope)
+            assert status.started_called is False
+            status.started("ready")
+            assert status.started_called is True
+            shields.append(scope.shield)
+            scope.shield = False  # let the test end it
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        assert await nursery.start(service) == "ready"  # moved into the nursery: shielded
+        nursery.start_soon(service)  # no start() to move it: shielded at once
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    with trio.CancelScope() as cancelled:
+        async with trio.open_nursery() as nursery:
+            cancelled.cancel()  # start() cancelled: the task is not moved and stays cancellable
+            await nursery.start(service)
+    assert cancelled.cancelled_caught
+    assert shields == [True, True, False]
+
+
 # --- BoundedStream --------------------------------------------------------------------------
 
 
@@ -507,6 +537,13 @@ def test_bounded_stream_buffer_must_be_a_positive_int(buffer: Any) -> None:
         BoundedStream[int](buffer, registry=set(), raise_end=lambda: None)
 
 
+def test_bounded_stream_buffer_of_one() -> None:
+    stream, _ = make_stream(buffer=1)  # the smallest buffer allowed: holds one item
+    stream._deliver(1)
+    stream._deliver(2)
+    assert stream.dropped == 1
+
+
 # --- publish --------------------------------------------------------------------------------
 
 
@@ -543,7 +580,8 @@ def test_publish_renames_only_trio_qemu_objects() -> None:
         "CONSTANT": 0.25,
         "Unlisted": Unlisted,
     }
-    publish("trio_qemu", namespace, ["Ours", "ours_function", "Foreign", "Lookalike"])
+    # Ours after foreign names: skipping one must not end the loop.
+    publish("trio_qemu", namespace, ["Foreign", "Ours", "Lookalike", "ours_function"])
     assert Ours.__module__ == "trio_qemu"
     assert ours_function.__module__ == "trio_qemu"
     assert Foreign.__module__ == "somewhere.else"
@@ -552,6 +590,30 @@ def test_publish_renames_only_trio_qemu_objects() -> None:
     publish("trio_qemu", namespace, ["instance", "CONSTANT"])  # neither class nor function
     assert Instance.__module__ == "trio_qemu._private"
     assert "__module__" not in vars(instance)
+
+
+def test_publish_skips_objects_that_refuse_a_new_module() -> None:
+    class Sealed(type):  # like a type defined in C: its attributes cannot be set
+        def __setattr__(cls, name: str, value: Any) -> None:
+            raise TypeError(f"cannot set {name!r}")
+
+    class Immutable(metaclass=Sealed):
+        __module__ = "trio_qemu._private"
+
+    class Slotted:  # its instances have no __dict__: their __module__ is read-only
+        __slots__ = ()
+        __module__ = "trio_qemu._private"
+
+        def __call__(self) -> None:
+            pass
+
+    class Ours:
+        __module__ = "trio_qemu._private"
+
+    namespace = {"Immutable": Immutable, "callable_instance": Slotted(), "Ours": Ours}
+    publish("trio_qemu", namespace, ["Immutable", "callable_instance", "Ours"])
+    assert Immutable.__module__ == "trio_qemu._private"
+    assert Ours.__module__ == "trio_qemu"
 
 
 def test_public_names_are_published() -> None:

@@ -1,4 +1,4 @@
-"""The command line: ``python -m trio_qemu {demo,guest,run,clean}``.
+"""The command line: ``python -m trio_qemu {demo,guest,run,clean,template}``.
 
 - ``demo``: boot two tiny guests concurrently, run commands, show events and timings.
 - ``guest build`` / ``guest path``: build (or reuse) the tiny guest; print its files.
@@ -6,6 +6,10 @@
   its console to the terminal and its QMP events as JSON lines; Ctrl-C tears it all down.
 - ``clean [--dry-run] [--base DIR]``: remove machine directories left behind by
   controllers that were killed; print them.
+- ``template build`` / ``template list`` / ``template clear [--key K]``: make (or reuse)
+  the tiny guest's template (:mod:`trio_qemu.snapshot`) and print its key and directory;
+  list the cached templates; remove them (all, or the one named), skipping one that a
+  maker holds locked.
 
 Ctrl-C (or SIGTERM) tears everything down and exits with status 130 (143) and one line; a
 trio_qemu error prints one ``error: ...`` and exits with 1; anything else is a bug and shows
@@ -15,14 +19,20 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import trio
 
@@ -33,7 +43,8 @@ from ._machine import Machine
 from ._openers import open_machine
 from ._tempdirs import remove_stale_dirs
 from ._util import keyboard_interrupt_in
-from .guest import ensure_guest
+from .guest import default_cache_dir, ensure_guest
+from .snapshot import TEMPLATES_DIR, ensure_template
 
 T = TypeVar("T")
 
@@ -130,6 +141,150 @@ def _clean(base: str | None, dry_run: bool) -> int:
     return 0
 
 
+# -- templates ---------------------------------------------------------------------------------
+
+#: A maker's build directory or a removed template on its way out: ``.build-<key>-<random>``.
+_LEFT_OVER = re.compile(r"^\.(?:build|trash)-(?P<key>[^.-]+)-[^-]+$")
+
+
+def _templates_root() -> Path:
+    return default_cache_dir() / TEMPLATES_DIR
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+async def _template_build() -> None:
+    image = await ensure_guest(progress=_stderr)
+    template = await ensure_template(image.config(), progress=_stderr)
+    made_in = f" (made in {template.made_in:.1f} s)" if template.made_in is not None else ""
+    print(f"template {template.key} ready{made_in}: {template.path}")
+
+
+def _disk_usage(path: Path) -> int:
+    """Bytes ``path`` (a file or a directory tree) takes on disk: the RAM file is sparse."""
+    total = 0
+    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        with contextlib.suppress(OSError):
+            total += entry.lstat().st_blocks * 512
+    return total
+
+
+def _mib(size: int | float) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
+def _template_line(path: Path) -> str:
+    """One line about the template in ``path``, from its ``manifest.json``."""
+    disk = f"{_mib(_disk_usage(path))} on disk"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as exc:
+        return f"{path.name}  unusable: no readable manifest ({exc})  {disk}"
+    parts = [path.name]
+    created = manifest.get("created")
+    if isinstance(created, int | float):
+        parts.append(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)))
+    made_in = manifest.get("made_in")
+    if isinstance(made_in, int | float):
+        parts.append(f"made in {made_in:.1f} s")
+    ram: Any = manifest.get("ram")
+    if isinstance(ram, dict) and isinstance(ram.get("size"), int):
+        parts.append(f"memory {ram['size'] >> 20} MiB")
+    parts.append(disk)
+    signature: Any = manifest.get("signature")
+    if isinstance(signature, dict) and signature.get("key") is not None:
+        parts.append(f"key={signature['key']}")
+    return "  ".join(parts)
+
+
+def _template_list() -> int:
+    root = _templates_root()
+    entries = root.iterdir() if root.is_dir() else iter(())
+    found = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
+    for path in found:
+        print(_template_line(path))
+    if not found:
+        print(f"no templates in {root}")
+    return 0
+
+
+def _template_keys(root: Path) -> set[str]:
+    """The keys of the templates in ``root``, their lock files and their left-overs."""
+    keys = set()
+    for entry in root.iterdir():
+        if entry.name.endswith(".lock") and entry.is_file():
+            keys.add(entry.name.removesuffix(".lock"))
+        elif (match := _LEFT_OVER.match(entry.name)) is not None:
+            keys.add(match.group("key"))
+        elif not entry.name.startswith("."):
+            keys.add(entry.name)
+    return keys
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete ``path``; a template is first moved out of the way in one step, so that
+    nobody sees half of one (running clones keep their private mapping of its RAM file)."""
+    if not path.is_dir() or path.is_symlink():
+        path.unlink()
+        return
+    if not path.name.startswith("."):
+        trash = path.with_name(f".trash-{path.name}-{os.urandom(4).hex()}")
+        os.rename(path, trash)
+        path = trash
+    shutil.rmtree(path)
+
+
+def _clear_one(root: Path, key: str) -> int | None:
+    """Remove template ``key`` and its left-overs under its lock; the bytes it took on disk,
+    or None when a maker holds the lock."""
+    lock = root / f"{key}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        freed = 0
+        for entry in root.iterdir():
+            match = _LEFT_OVER.match(entry.name)
+            if entry.name == key or (match is not None and match.group("key") == key):
+                freed += _disk_usage(entry)
+                _remove_tree(entry)
+        # Still holding the lock: a maker waiting on this lock file notices that it was
+        # removed and locks a new one.
+        lock.unlink()
+        return freed
+    finally:
+        os.close(fd)
+
+
+def _template_clear(key: str | None) -> int:
+    root = _templates_root()
+    keys = _template_keys(root) if root.is_dir() else set()
+    if key is not None:
+        if key not in keys:
+            print(f"error: no template {key} in {root}", file=sys.stderr)
+            return 1
+        keys = {key}
+    if not keys:
+        print(f"no templates in {root}")
+        return 0
+    status = 0
+    for each in sorted(keys):
+        existed = (root / each).exists()
+        freed = _clear_one(root, each)
+        if freed is None:
+            print(f"skipped {each}: a maker holds its lock (it is being made now)", file=sys.stderr)
+            status = 1
+        elif existed:
+            print(f"removed {each} ({_mib(freed)})")
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trio_qemu", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     clean.add_argument(
         "--base", default=None, help="the base temporary directory (default: the system one)"
     )
+    template = sub.add_parser("template", help="templates of the tiny guest, to clone")
+    actions = template.add_subparsers(dest="action", required=True)
+    actions.add_parser("build", help="make (or reuse) the tiny guest's template")
+    actions.add_parser("list", help="list the cached templates")
+    clear = actions.add_parser("clear", help="remove cached templates")
+    clear.add_argument("--key", default=None, help="only this template (its key)")
     options = parser.parse_args(argv)
     try:
         if options.command == "demo":
@@ -153,6 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_main_task, _guest, options.action)
         elif options.command == "clean":
             return _clean(options.base, options.dry_run)
+        elif options.command == "template":
+            if options.action == "build":
+                trio.run(_main_task, _template_build)
+            elif options.action == "list":
+                return _template_list()
+            else:
+                return _template_clear(options.key)
         else:
             args = [a for a in options.qemu_args if a != "--"] if options.qemu_args else []
             return trio.run(_main_task, _run, args, options.console, options.timeout)

@@ -133,10 +133,6 @@ def _preview(data: bytes) -> str:
     return repr(data) if len(data) <= 60 else f"{data[:60]!r}... ({len(data)} bytes)"
 
 
-class _ChannelEnded(ShellError):
-    """The channel reached end of file or broke (QEMU closed its end: it is exiting)."""
-
-
 class _EventSource(Protocol):
     """What :meth:`Shell.watch_port` reads: a QMP event subscription (``vm.subscribe(...)``)."""
 
@@ -571,17 +567,19 @@ class Shell:
 
         The first end of file marks the shell unusable, so later calls fail at once."""
         try:
-            try:
-                chunk = await self._stream.receive_some(_RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _ChannelEnded(f"the guest shell channel broke: {exc!r}") from exc
-            if not chunk:
-                raise _ChannelEnded("the guest shell channel reached end of file (QEMU exited?)")
-        except _ChannelEnded as exc:
+            chunk = await self._stream.receive_some(_RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            chunk = b""
+            ended = f"the guest shell channel broke: {exc!r}"
+        else:
+            ended = "the guest shell channel reached end of file (QEMU exited?)"
+        if not chunk:
+            # Raised outside the except block: callers see our error, not a chain of
+            # transport internals.
             if self._broken is None:
-                self._broken = str(exc)
+                self._broken = ended
             await self._channel_ended()
-            raise
+            raise ShellError(f"{self.name}: {ended}")
         self._data = bytes(chunk)
         self._pos = 0
 

@@ -17,6 +17,8 @@ alone. Two cleaners at once are fine: a directory that vanishes under one is ski
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -50,7 +52,11 @@ def _start_time(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            raise  # we cannot tell: never take a live owner for dead
         return None
     # "pid (comm) state ppid ...": comm may hold spaces and parentheses; field 3 follows
     # the last ")", so field 22 is the 20th after it.
@@ -101,7 +107,13 @@ def create_machine_dir(name: str, base: str | os.PathLike[str] | None = None) ->
             f.write(data)
         os.replace(partial, path / OWNER_FILE)
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)  # ours, just made: nothing else to report
+        # Ours, just made, holding at most the partial record: plain unlink and rmdir need no
+        # file descriptor, so this works even when we ran out of them (EMFILE).
+        for leftover in (path / f"{OWNER_FILE}.partial", path / OWNER_FILE):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
         raise
     return path
 
@@ -179,7 +191,10 @@ def _is_stale(path: Path, context: _Context) -> bool:
         return False  # no record of ours, or an owner whose pids we cannot see
     if record["boot"] != context.boot:
         return True  # recorded before a reboot: that process is long gone
-    return bool(_start_time(record["pid"]) != record["start"])
+    try:
+        return bool(_start_time(record["pid"]) != record["start"])
+    except OSError:  # out of fds: cannot tell, so it stays
+        return False
 
 
 def _read_owner(path: Path) -> dict[str, Any] | None:

@@ -1,6 +1,6 @@
 """pytest fixtures for trio_qemu, registered through the ``pytest11`` entry point.
 
-Fixtures (the async one needs pytest-trio, but not its ``trio_mode``):
+Fixtures (the async ones need pytest-trio, but not its ``trio_mode``):
 
 - ``qemu_binary`` (session): the QEMU executable the machines run (``$QEMU`` or
   ``qemu-system-x86_64`` on PATH); fails the test with a clear message when there is none.
@@ -8,11 +8,23 @@ Fixtures (the async one needs pytest-trio, but not its ``trio_mode``):
   on first use.
 - ``machine`` (function): an async factory. ``vm = await machine(machine="none")`` launches a
   VM in the test's nursery; ``await machine(guest=True)`` boots the tiny guest and waits
-  until its shell answers. Every VM is shut down when the test ends, passed or failed.
+  until its shell answers; ``await machine(clone=True)`` restores a copy-on-write clone of
+  the tiny guest's template instead (see below). Every VM is shut down when the test ends,
+  passed or failed.
+- ``fresh_guest`` (function, async): ``await machine(clone=True)``: a running clone of the
+  tiny guest, its shell answering, for this test alone (what it writes no other test sees).
+- ``guest_template`` (function, async): the :class:`~trio_qemu.snapshot.Template` of
+  ``tiny_guest.config()`` that ``fresh_guest`` clones (for ``open_clones`` and the like).
 
-An ``async def`` test that uses ``machine`` (directly or through another fixture) is marked
-``@pytest.mark.trio`` by this plugin, so pytest-trio runs it, and its async fixtures, whether
-or not the project sets ``trio_mode = true``.
+Templates: the first test of a session that asks for a clone of a config gets its template
+from the cache (``$TRIO_QEMU_CACHE``, else ``~/.cache/trio-qemu``: ``templates/<key>``), or
+makes it there (one boot); the rest of the session reuses it, one template per distinct
+config per cache. pytest-xdist workers share the cache: the template's lock makes the first
+worker boot and the others wait for its template.
+
+An ``async def`` test that uses ``machine``, ``fresh_guest`` or ``guest_template`` (directly or
+through another fixture) is marked ``@pytest.mark.trio`` by this plugin, so pytest-trio runs
+it, and its async fixtures, whether or not the project sets ``trio_mode = true``.
 
 When a machine fails (QEMU dies mid-test), the test is cancelled if it is not already
 failing for that reason, and the failure is reported once, as that error (not as an
@@ -43,7 +55,8 @@ from ._config import MachineConfig
 from ._errors import MachineError, MachineExited
 from ._machine import Machine
 from ._openers import start_machine
-from .guest import GuestImage, build_guest, ensure_guest
+from .guest import GuestImage, build_guest, default_cache_dir, ensure_guest
+from .snapshot import PER_MACHINE_FIELDS, Template, TemplateError, ensure_template, restore
 
 __all__ = ["MachineFactory"]
 
@@ -51,18 +64,21 @@ _MACHINES_KEY = pytest.StashKey[list[Machine]]()
 _NOTES_KEY = pytest.StashKey[dict[str, str]]()
 #: How much console output a failure report shows.
 _CONSOLE_TAIL = 4096
-#: The name of the async fixture this plugin provides.
-_FIXTURE = "machine"
+#: The async fixtures this plugin provides.
+_FIXTURES = ("machine", "fresh_guest", "guest_template")
+#: The fields of a clone's config that are not part of its template: the rest must match.
+_CLONE_FIELDS = PER_MACHINE_FIELDS | {"fds"}
 
 _NEEDS_PYTEST_TRIO = (
-    "trio_qemu's `machine` fixture needs the pytest-trio plugin, which is not active: "
+    "trio_qemu's `{}` fixture needs the pytest-trio plugin, which is not active: "
     "install it (pip install pytest-trio); with PYTEST_DISABLE_PLUGIN_AUTOLOAD set, also "
     "pass -p pytest_trio.plugin"
 )
 
 
 class MachineFactory(Protocol):
-    """The ``machine`` fixture: ``await machine(config=None, *, guest=False, **fields)``."""
+    """The ``machine`` fixture:
+    ``await machine(config=None, *, guest=False, clone=False, **fields)``."""
 
     async def __call__(
         self,
@@ -70,6 +86,7 @@ class MachineFactory(Protocol):
         /,
         *,
         guest: bool = False,
+        clone: bool | Template = False,
         boot_timeout: float = 120.0,
         **fields: Any,
     ) -> Machine:
@@ -79,13 +96,97 @@ class MachineFactory(Protocol):
             config: the configuration (``fields`` override it).
             guest: boot the tiny guest (``tiny_guest.config(...)``) and wait until its
                 shell answers.
-            boot_timeout: how long the guest may take to answer, in seconds.
+            clone: instead of booting, restore a copy-on-write clone. ``True``: of the
+                template of ``config`` (default: the tiny guest's config) with ``fields``,
+                per-machine fields (name, console_log, timeouts...: see
+                :data:`~trio_qemu.snapshot.PER_MACHINE_FIELDS`) aside; the template is found
+                in the cache or made there (one boot) the first time in the session.
+                A :class:`~trio_qemu.snapshot.Template`: a clone of that one (``fields``
+                may then change per-machine fields only; no ``config``).
+            boot_timeout: how long the guest may take to answer, in seconds (for a clone:
+                to be restored and synced).
             **fields: ``MachineConfig`` fields.
 
         Returns:
             The running machine.
+
+        Raises:
+            TemplateError: the clone's config does not match its template, the template
+                could not be made, or the restore failed.
         """
         ...
+
+
+class _Session:
+    """What this process looks up once per session: the tiny guest (asking apt for its
+    version takes seconds on a loaded machine) and the templates it found or made, per
+    config and cache root. Async fixtures are function-scoped in pytest-trio, so the
+    session's share lives here, at module level."""
+
+    def __init__(self) -> None:
+        self._guest: GuestImage | None = None
+        self._templates: dict[tuple[MachineConfig, str], Template] = {}
+        self._lock: trio.Lock | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def _lock_of_this_run(self) -> trio.Lock:
+        # A trio.Lock belongs to one trio.run, and each test has its own.
+        token = trio.lowlevel.current_trio_token()
+        if self._lock is None or self._token is not token:
+            self._lock, self._token = trio.Lock(), token
+        return self._lock
+
+    async def guest(self) -> GuestImage:
+        """The tiny guest, from the cache or built now, the first time in the session."""
+        if self._guest is None:
+            self._guest = await ensure_guest()
+        return self._guest
+
+    async def template(self, config: MachineConfig) -> Template:
+        """The template of ``config`` in the cache; made there if it is not yet."""
+        root = str(default_cache_dir())
+        key = (config, root)
+        async with self._lock_of_this_run():
+            template = self._templates.get(key)
+            if template is not None:
+                try:
+                    template.verify()
+                    return template
+                except TemplateError:  # removed (template clear) or damaged since
+                    del self._templates[key]
+            template = await ensure_template(config, cache_dir=root)
+            self._templates[key] = template
+            return template
+
+
+_SESSION = _Session()
+
+
+def _split_clone(config: MachineConfig) -> tuple[MachineConfig, dict[str, Any]]:
+    """The template's config (the per-machine fields at their defaults) and the clone's
+    per-machine fields."""
+    defaults = MachineConfig()
+    names = sorted(_CLONE_FIELDS)
+    template_config = config.replace(**{name: getattr(defaults, name) for name in names})
+    return template_config, {name: getattr(config, name) for name in names}
+
+
+async def _guest_config(
+    config: MachineConfig | None, fields: dict[str, Any], qemu_binary: str
+) -> MachineConfig:
+    """``config`` (default: the tiny guest's) with ``fields``, booting the tiny guest's
+    kernel when it names none, on the ``qemu_binary`` unless it names one."""
+    image = await _SESSION.guest()
+    config = (config or image.config()).replace(**fields)
+    if config.kernel is None:
+        config = config.replace(kernel=str(image.kernel), initrd=str(image.initrd))
+    return _with_binary(config, qemu_binary)
+
+
+def _with_binary(config: MachineConfig, qemu_binary: str) -> MachineConfig:
+    if config.binary is None and "QEMU" not in os.environ:
+        return config.replace(binary=qemu_binary)
+    return config
 
 
 def _pytest_trio_active(config: pytest.Config) -> bool:
@@ -119,8 +220,9 @@ async def machine(
     """Launch VMs that live until the end of the test; see :class:`MachineFactory`.
 
     ``guest=True`` boots the tiny guest (``GuestImage.config(**fields)``) and waits for its
-    shell; ``config``/``fields`` otherwise go to ``open_machine``'s rules. The binary from
-    ``qemu_binary`` is used unless the config names one.
+    shell; ``clone=True`` restores a clone of its template instead (``clone=template``: of
+    that template); ``config``/``fields`` otherwise go to ``open_machine``'s rules. The
+    binary from ``qemu_binary`` is used unless the config names one.
     """
     machines: list[Machine] = []
     notes: dict[str, str] = {}
@@ -136,22 +238,44 @@ async def machine(
             /,
             *,
             guest: bool = False,
+            clone: bool | Template = False,
             boot_timeout: float = 120.0,
             **fields: Any,
         ) -> Machine:
+            if clone is not False:
+                return await _clone(config, clone, boot_timeout, fields)
             if guest:
-                image = await ensure_guest()
-                config = (config or image.config()).replace(**fields)
-                if config.kernel is None:
-                    config = config.replace(kernel=str(image.kernel), initrd=str(image.initrd))
+                config = await _guest_config(config, fields, qemu_binary)
             else:
-                config = (config or MachineConfig()).replace(**fields)
-            if config.binary is None and "QEMU" not in os.environ:
-                config = config.replace(binary=qemu_binary)
+                config = _with_binary((config or MachineConfig()).replace(**fields), qemu_binary)
             vm = await start_machine(nursery, config)
             machines.append(vm)
             if guest:
                 await vm.shell.wait_ready(timeout=boot_timeout)
+            return vm
+
+        async def _clone(
+            config: MachineConfig | None,
+            clone: bool | Template,
+            boot_timeout: float,
+            fields: dict[str, Any],
+        ) -> Machine:
+            if isinstance(clone, Template):
+                if config is not None:
+                    raise TypeError("machine(clone=template) takes no config: the template's")
+                template, clone_fields = clone, fields
+            elif clone is True:
+                full = await _guest_config(config, fields, qemu_binary)
+                template_config, clone_fields = _split_clone(full)
+                template = await _SESSION.template(template_config)
+            else:
+                raise TypeError(f"clone must be True, False or a Template, not {clone!r}")
+            clone_config = template.config(**clone_fields)  # a mismatch raises here
+            template.verify()
+            vm = await start_machine(nursery, clone_config)
+            machines.append(vm)
+            notes[vm.name] = f"clone of template {template.key} ({template.path})"
+            await restore(vm, template, timeout=boot_timeout)
             return vm
 
         try:
@@ -163,23 +287,46 @@ async def machine(
                         stoppers.start_soon(_stop, vm, notes)
 
 
+@pytest.fixture
+async def guest_template(qemu_binary: str) -> Template:
+    """The template of the tiny guest (``tiny_guest.config()``) that ``fresh_guest`` clones:
+    from the cache, or made there (one boot) the first time in the session."""
+    config = await _guest_config(None, {}, qemu_binary)
+    return await _SESSION.template(config)
+
+
+@pytest.fixture
+async def fresh_guest(machine: MachineFactory) -> Machine:
+    """A running copy-on-write clone of the tiny guest for this test, its shell answering
+    (``await machine(clone=True)``); shut down when the test ends."""
+    return await machine(clone=True)
+
+
 async def _stop(vm: Machine, notes: dict[str, str]) -> None:
     try:
         await vm.shutdown()
     except Exception as exc:  # the test's own outcome matters more; say what happened
-        notes[vm.name] = f"shutdown: {exc}"
+        earlier = notes.get(vm.name)
+        notes[vm.name] = f"{earlier}\nshutdown: {exc}" if earlier else f"shutdown: {exc}"
 
 
 # --- running the tests ----------------------------------------------------------------------
 
 
+def _async_fixture(item: pytest.Item) -> str | None:
+    """The first of this plugin's async fixtures ``item`` uses, if any."""
+    names = getattr(item, "fixturenames", ())
+    return next((name for name in _FIXTURES if name in names), None)
+
+
 def _uses_machine(item: pytest.Item) -> bool:
-    return _FIXTURE in getattr(item, "fixturenames", ())
+    return _async_fixture(item) is not None
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every ``async def`` test using ``machine`` as a Trio test (as ``trio_mode`` would)."""
+    """Mark every ``async def`` test using one of this plugin's async fixtures as a Trio
+    test (as ``trio_mode`` would)."""
     if not _pytest_trio_active(config):
         return  # pytest_runtest_setup says why such a test cannot run
     for item in items:
@@ -193,15 +340,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Fail a test that uses ``machine`` with a clear message when it cannot run: pytest-trio
-    is missing, or the test is not ``async def``."""
-    if not _uses_machine(item):
+    """Fail a test that uses an async fixture of this plugin with a clear message when it
+    cannot run: pytest-trio is missing, or the test is not ``async def``."""
+    fixture = _async_fixture(item)
+    if fixture is None:
         return
     if not _pytest_trio_active(item.config):
-        pytest.fail(_NEEDS_PYTEST_TRIO, pytrace=False)
+        pytest.fail(_NEEDS_PYTEST_TRIO.format(fixture), pytrace=False)
     if item.get_closest_marker("trio") is None:
         pytest.fail(
-            f"{item.name} uses trio_qemu's `machine` fixture, which is async: "
+            f"{item.name} uses trio_qemu's `{fixture}` fixture, which is async: "
             "make it an `async def` test",
             pytrace=False,
         )

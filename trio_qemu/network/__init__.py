@@ -38,6 +38,39 @@ A scenario::
 the kernel command-line hook ``trio.ip=ADDR/PREFIX`` that the tiny guest's ``/init``
 (:mod:`trio_qemu.guest`) applies at boot, so no DHCP is needed.
 
+**Clones** (:mod:`trio_qemu.snapshot`) join a network with their own identity. A guest
+reads its MAC, address and host name when it boots, and a clone did not boot: it resumes
+the template's guest, whose NIC, and the command line a clone must keep, were the
+template's. So the template is made with the network's NIC but no address
+(:meth:`attach_template <Switch.attach_template>`), :meth:`attach <Switch.attach>` plugs
+each clone's config into that NIC (only the socket's fd number changes) and remembers
+the clone's MAC, address and host name, and :meth:`open_clones <Switch.open_clones>` sets
+them in the guest right after the restore, in the same guest command as the clock and
+the RNG seed::
+
+    async with Switch("lab").running() as switch:
+        template = await ensure_template(switch.attach_template(image.config(memory=256)))
+        configs = [switch.attach(template.config(name=f"c{i}"), ip=f"10.0.0.{i + 1}/24")
+                   for i in range(8)]
+        async with switch.open_clones(template, *configs) as vms:
+            assert (await ping(vms[0], "10.0.0.8")).ok
+
+The identity (:meth:`identity_command <Switch.identity_command>`) takes the interface
+down (its routes, neighbours and IPv6 addresses go), flushes its addresses, sets the MAC
+(virtio-net tells QEMU through its control queue, so QEMU's receive filter and
+``query-rx-filter``'s ``main-mac`` follow; e1000 through its address registers), brings
+it up, adds the address and the default route, sets the host name (default: the
+machine's name) and sends one unsolicited ARP (busybox ``arping -U``) so that switches
+and neighbours learn the MAC at once. Limits: the NIC's ``mac=`` property in QEMU's
+command line stays the template's (the live MAC is the guest's: ``query-rx-filter``);
+the guest needs busybox-like ``ip`` and ``hostname`` and a shell or agent; an IPv6
+address goes through duplicate address detection (~1 s) as at boot; the template's
+network name is part of its command line, so its clones join networks of that name;
+state the template's guest kept about its network (open sockets, services bound to an
+address) is the template's, and a clone's only if it was made after the identity.
+Restores set QEMU's ``announce-rounds`` to 0, so a clone never announces the template's
+MAC.
+
 **File descriptors.** Each attach creates a socketpair now (the config must name the fd
 QEMU inherits); until the machine has started, this process holds QEMU's end as well. Those
 copies are closed by :meth:`release <Switch.release>` (called for you by
@@ -66,7 +99,7 @@ helpers that act on a running machine). Import from ``trio_qemu.network`` itself
 
 from .._errors import NetworkError, NetworkTimeout
 from .._util import publish as _publish
-from ._base import DEFAULT_NIC
+from ._base import DEFAULT_NIC, IDENTITY_TIMEOUT
 from .addressing import PortRef, mac_address, with_ip
 from .guest import PingResult, parse_ping, ping, set_nic_link, wait_carrier
 from .link import Link
@@ -75,6 +108,7 @@ from .switch import Direction, PortStats, Switch
 
 __all__ = [
     "DEFAULT_NIC",
+    "IDENTITY_TIMEOUT",
     "Direction",
     "Link",
     "NetworkError",

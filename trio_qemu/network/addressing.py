@@ -82,8 +82,7 @@ def with_ip(
     if gateway is not None:
         hooks.append(f"trio.gw={ipaddress.ip_address(gateway)}")
     if hostname is not None:
-        if not re.fullmatch(r"[A-Za-z0-9.-]{1,63}", hostname):
-            raise ValueError(f"hostname must be letters, digits, '.' and '-', not {hostname!r}")
+        _check_hostname(hostname)
         hooks.append(f"trio.hostname={hostname}")
     return config.replace(append=" ".join(part for part in (append, *hooks) if part))
 
@@ -131,3 +130,58 @@ def _nic_count(args: Sequence[str]) -> int:
         for option, value in itertools.pairwise(args)
         if option in ("-device", "--device") and ",netdev=" in value
     )
+
+
+def _netdev_fd(value: str) -> int | None:
+    """The fd of a ``dgram,...,local.type=fd,local.str=FD`` netdev value, else None."""
+    items = value.split(",")
+    if items[0] != "dgram" or "local.type=fd" not in items:
+        return None
+    for item in items:
+        if item.startswith("local.str=") and item[10:].isdigit():
+            return int(item[10:])
+    return None
+
+
+def _unplugged_netdev(config: MachineConfig, netdev_id: str) -> int | None:
+    """The index in ``config.args`` of the ``-netdev dgram`` value with id ``netdev_id``
+    whose fd QEMU would not inherit: a template's NIC waiting for a socket (see
+    ``_Network.attach``). None if there is none (or its fd is inherited)."""
+    args = list(config.args)
+    for index in range(1, len(args)):
+        if args[index - 1] not in ("-netdev", "--netdev"):
+            continue
+        value = args[index]
+        if f"id={netdev_id}" not in value.split(","):
+            continue
+        fd = _netdev_fd(value)
+        if fd is not None and fd not in config.inherit_fds:
+            return index
+    return None
+
+
+def _nic_index(args: Sequence[str], netdev_id: str) -> int:
+    """The position of the NIC on netdev ``netdev_id`` among the NICs in ``args`` (the
+    guest calls it eth<N>)."""
+    nics = [
+        value
+        for option, value in itertools.pairwise(args)
+        if option in ("-device", "--device") and ",netdev=" in value
+    ]
+    for index, value in enumerate(nics):
+        if f"netdev={netdev_id}" in value.split(","):
+            return index
+    return len(nics)
+
+
+def _hostname_for(name: str) -> str | None:
+    """A host name from a machine name: characters other than letters, digits, '.' and '-'
+    become '-', at most 63 of them; None if nothing is left."""
+    text = re.sub(r"[^A-Za-z0-9.-]", "-", name)[:63].strip("-.")
+    return text or None
+
+
+def _check_hostname(hostname: str) -> str:
+    if not isinstance(hostname, str) or not re.fullmatch(r"[A-Za-z0-9.-]{1,63}", hostname):
+        raise ValueError(f"hostname must be letters, digits, '.' and '-', not {hostname!r}")
+    return hostname

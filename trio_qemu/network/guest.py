@@ -133,3 +133,48 @@ async def ping(
     bound = count * interval + wait + _SHELL_MARGIN if timeout is None else timeout
     result = await machine.shell.run(command, timeout=bound)
     return parse_ping(result.stdout.decode("utf-8", "replace"), result.returncode)
+
+
+def _identity_command(
+    iface: str,
+    mac: str,
+    ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None,
+    *,
+    gateway: str | None = None,
+    hostname: str | None = None,
+) -> str:
+    """The guest shell command line that gives interface ``iface`` its identity: MAC ``mac``,
+    address ``ip`` (none: no address), a default route via ``gateway``, host name
+    ``hostname`` (busybox ``ip``, ``hostname`` and ``arping``; all values checked here).
+
+    The interface goes down (which drops its routes, its neighbour cache and its IPv6
+    addresses), loses its addresses, takes the MAC (virtio-net passes it to QEMU through
+    its control queue, so QEMU's receive filter follows; see ``query-rx-filter``), comes
+    up and gets the address and route. For an IPv4 address, one unsolicited ARP
+    (``arping -U``, when the guest has it) tells the network, and a switch learns the MAC's
+    port at once. Runs as one ``&&`` chain: the first failing step fails it.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,15}", iface):
+        raise ValueError(f"iface must be an interface name like 'eth0', not {iface!r}")
+    if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac):
+        raise ValueError(f"mac must be like 02:00:00:00:00:01, not {mac!r}")
+    steps = [
+        f"ip link set dev {iface} down",
+        f"ip addr flush dev {iface}",
+        f"ip link set dev {iface} address {mac}",
+        f"ip link set dev {iface} up",
+    ]
+    if ip is not None:
+        steps.append(f"ip addr add {ipaddress.ip_interface(ip).with_prefixlen} dev {iface}")
+    if gateway is not None:
+        steps.append(f"ip route add default via {ipaddress.ip_address(gateway)} dev {iface}")
+    if hostname is not None:
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,63}", hostname):
+            raise ValueError(f"hostname must be letters, digits, '.' and '-', not {hostname!r}")
+        steps.append(f"hostname {hostname}")
+    if ip is not None and ip.version == 4:
+        steps.append(
+            "{ ! command -v arping >/dev/null || "
+            f"arping -U -c 1 -I {iface} {ip.ip} >/dev/null 2>&1 || true; }}"
+        )
+    return " && ".join(steps)

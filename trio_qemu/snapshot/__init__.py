@@ -29,7 +29,13 @@ template's pages until they write to them::
   logs, timeouts...); anything the guest would see differently raises
   :class:`TemplateError` naming it, before QEMU starts.
 - After a restore the guest's clock is set to the host's and its RNG re-seeded
-  (``sync_guest``). The guest keeps the template's MAC address, IP address and hostname.
+  (``sync_guest``), then :func:`restore`'s ``setup`` command runs, in the same guest
+  command. Otherwise the guest keeps the template's MAC address, IP address and host
+  name: clones on a network get their own from :mod:`trio_qemu.network` (make the template
+  from ``network.attach_template(config)``, attach each ``template.config(name=...)``
+  with its ``ip=``, open them with ``network.open_clones``). A clone does not announce
+  itself after the restore (QEMU's ``announce-rounds`` is set to 0): it would announce the
+  template's MAC.
 
 Measured here with ``benchmarks/clone.py`` (QEMU 7.2, TCG, 2 cores shared with other
 work, the tiny guest with 256 MiB): saving takes ~10 ms and writes ~335 KB; a clone is

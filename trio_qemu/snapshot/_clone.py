@@ -5,18 +5,19 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import trio
 from qemu.qmp import ExecuteError
 
+from .._config import MachineConfig
 from .._errors import MachineError, MachineExited
 from .._machine import Machine
 from .._openers import open_machine, open_machines
 from ._steps import command, drop_fd, fdname, follow, give_fd, set_capabilities
-from ._template import Template, TemplateError
+from ._template import Template, TemplateError, unbound_fds
 
 __all__ = ["RESTORE_TIMEOUT", "RNG_SEED_BYTES", "open_clone", "open_clones", "restore"]
 
@@ -34,20 +35,27 @@ _LOG_LINES: Final = 15
 
 
 async def restore(
-    vm: Machine, template: Template, *, timeout: float = RESTORE_TIMEOUT, sync_guest: bool = True
+    vm: Machine,
+    template: Template,
+    *,
+    timeout: float = RESTORE_TIMEOUT,
+    sync_guest: bool = True,
+    setup: str | None = None,
 ) -> None:
     """Restore ``template`` into ``vm``, launched from ``template.config()``, and resume it.
 
-    The steps: turn on the ``x-ignore-shared`` and ``events`` migration capabilities, hand
-    QEMU a read-only fd of the state file (``getfd``), ``migrate-incoming uri=fd:NAME``,
-    wait for the ``MIGRATION`` event ``completed`` (the guest is then paused, as the
-    template was when saved), turn the capabilities off again (so the clone can migrate
-    like any machine), ``cont``. With ``sync_guest`` the guest is then told the
-    host's time (its clock stood still since the template was saved) and given
-    :data:`RNG_SEED_BYTES` fresh random bytes: through the guest shell (``date -s`` and a
-    write to ``/dev/urandom``, one command) when the config has ``shell``, else through the
-    guest agent (``guest-set-time`` and the same write) when it has ``agent``, else not at
-    all. The clock is then right to about a second.
+    The steps: turn on the ``x-ignore-shared`` and ``events`` migration capabilities and
+    turn off QEMU's self-announcement after an incoming migration (``announce-rounds`` 0: a
+    clone is a new machine, not a moved one, and must not announce the template's MAC and
+    addresses), hand QEMU a read-only fd of the state file (``getfd``),
+    ``migrate-incoming uri=fd:NAME``, wait for the ``MIGRATION`` event ``completed`` (the
+    guest is then paused, as the template was when saved), turn the capabilities off again
+    (so the clone can migrate like any machine), ``cont``. With ``sync_guest`` the guest is
+    then told the host's time (its clock stood still since the template was saved) and
+    given :data:`RNG_SEED_BYTES` fresh random bytes: through the guest shell (``date -s``
+    and a write to ``/dev/urandom``, one command) when the config has ``shell``, else
+    through the guest agent (``guest-set-time`` and the same write) when it has ``agent``,
+    else not at all. The clock is then right to about a second.
 
     A restore that QEMU cannot do makes the clone's QEMU print why and exit; that exit is
     expected here (not a :class:`~trio_qemu.MachineExited`) and is reported as a
@@ -57,17 +65,26 @@ async def restore(
     Args:
         vm: a running machine launched from ``template.config(...)``, not restored yet.
         template: the template it was launched from.
-        timeout: seconds for all of it, the guest sync included.
+        timeout: seconds for all of it, the guest sync and ``setup`` included.
         sync_guest: set the guest's clock and re-seed its RNG after the restore.
+        setup: a shell command line to run in the guest after the sync, in the same guest
+            command (one round trip: the first command after a restore is the slow one
+            under TCG, its code being translated afresh): through the guest shell, or
+            ``sh -c`` through the agent. :mod:`trio_qemu.network` gives a clone its own
+            MAC, address and host name this way.
 
     Raises:
         TemplateError: QEMU refused a step, the restore failed (QEMU's message), the
-            guest sync failed, or it took longer than ``timeout``.
+            guest sync or ``setup`` failed (its output), or it took longer than ``timeout``.
+        ValueError: ``setup`` for a machine with neither the guest shell nor the agent.
     """
+    if setup is not None and not (vm.config.shell or vm.config.agent):
+        raise ValueError(f"{vm.name}: setup= needs the guest shell or agent (shell=True)")
     with trio.move_on_after(timeout) as scope:
         await _restore(vm, template)
-        if sync_guest:
-            await _sync_guest(vm, max(scope.deadline - trio.current_time(), 0.001))
+        if sync_guest or setup is not None:
+            remaining = max(scope.deadline - trio.current_time(), 0.001)
+            await _sync_guest(vm, remaining, sync=sync_guest, setup=setup)
     if scope.cancelled_caught:
         raise TemplateError(
             f"{vm.name}: template {template.key} was not restored within {timeout} s"
@@ -81,6 +98,8 @@ async def _restore(vm: Machine, template: Template) -> None:
     failed = False
     try:
         await set_capabilities(vm)
+        # No RARP from the template's MAC, no gratuitous ARP from its addresses.
+        await command(vm, "migrate-set-parameters", {"announce-rounds": 0})
         name = fdname()
         with vm.subscribe("MIGRATION") as events:
             await give_fd(vm, template.state_path, os.O_RDONLY, name)
@@ -110,24 +129,35 @@ async def _restore(vm: Machine, template: Template) -> None:
             vm.expect_exit(None)
 
 
-async def _sync_guest(vm: Machine, timeout: float) -> None:
-    """The host's time and fresh randomness into the guest (see :func:`restore`)."""
+async def _sync_guest(vm: Machine, timeout: float, *, sync: bool, setup: str | None) -> None:
+    """The host's time and fresh randomness into the guest, then ``setup`` (see
+    :func:`restore`)."""
     seed = secrets.token_bytes(RNG_SEED_BYTES)
+    what = " and ".join(w for w, on in (("sync", sync), ("setup", setup is not None)) if on)
     try:
         if vm.config.shell:
             # busybox date takes whole seconds: rounded, the clock is right to about 0.5 s
             # plus the time the command takes to start.
-            line = f"date -u -s @{round(time.time())} >/dev/null && cat >/dev/urandom"
-            await vm.shell.run(line, stdin=seed, timeout=timeout, check=True)
+            lines = []
+            if sync:
+                lines.append(f"date -u -s @{round(time.time())} >/dev/null && cat >/dev/urandom")
+            if setup is not None:
+                lines.append(setup if not sync else f"{{ {setup}\n}}")
+            line = " && ".join(lines)
+            await vm.shell.run(line, stdin=seed if sync else None, timeout=timeout, check=True)
         elif vm.config.agent:
             deadline = trio.current_time() + timeout
-            await vm.agent.cmd("guest-set-time", {"time": time.time_ns()}, timeout=timeout)
-            remaining = max(deadline - trio.current_time(), 0.001)
-            await vm.agent.write_file("/dev/urandom", seed, timeout=remaining)
+            if sync:
+                await vm.agent.cmd("guest-set-time", {"time": time.time_ns()}, timeout=timeout)
+                remaining = max(deadline - trio.current_time(), 0.001)
+                await vm.agent.write_file("/dev/urandom", seed, timeout=remaining)
+            if setup is not None:
+                remaining = max(deadline - trio.current_time(), 0.001)
+                await vm.agent.exec(["/bin/sh", "-c", setup], timeout=remaining, check=True)
     except MachineExited:
         raise
     except (MachineError, ExecuteError) as exc:
-        raise TemplateError(f"{vm.name}: the guest sync after the restore failed: {exc}") from exc
+        raise TemplateError(f"{vm.name}: the guest {what} after the restore failed: {exc}") from exc
 
 
 @asynccontextmanager
@@ -160,6 +190,7 @@ async def open_clone(
         LaunchError, MachineExited, AbnormalShutdown: as :func:`~trio_qemu.open_machine`.
     """
     config = template.config(**fields)
+    check_bound(config)
     template.verify()
     async with open_machine(config) as vm:
         await restore(vm, template, timeout=restore_timeout, sync_guest=sync_guest)
@@ -198,22 +229,45 @@ async def open_clones(
     configs = [
         template.config(**fields, name=None if name is None else f"{name}-{i}") for i in range(n)
     ]
+    check_bound(configs[0])
     template.verify()
     async with open_machines(*configs) as vms:
-        await _restore_all(vms, template, timeout=restore_timeout, sync_guest=sync_guest)
+        await restore_all(vms, template, timeout=restore_timeout, sync_guest=sync_guest)
         yield vms
 
 
-async def _restore_all(
-    vms: list[Machine], template: Template, *, timeout: float, sync_guest: bool
+def check_bound(config: MachineConfig) -> None:
+    """Refuse, before QEMU starts, a clone config whose command line still names the
+    template maker's fds (a NIC on a network: attach the clone's config to it)."""
+    unbound = unbound_fds(config)
+    if unbound:
+        raise TemplateError(
+            f"{config.name or 'the clone'}: its command line names fds it does not inherit "
+            f"(the template's machine had them): {'; '.join(unbound)}. A NIC on a network: "
+            "attach the clone's config to a network of the same name (network.attach("
+            "template.config(name=...))) and open it with network.open_clones(template, ...)"
+        )
+
+
+async def restore_all(
+    vms: list[Machine],
+    template: Template,
+    *,
+    timeout: float,
+    sync_guest: bool,
+    setups: Mapping[str, str] | None = None,
 ) -> None:
-    """Restore every machine concurrently; the first failure cancels the rest and is
-    raised bare (never in an exception group)."""
+    """Restore every machine concurrently (``setups``: the ``setup`` of :func:`restore`
+    per machine name); the first failure cancels the rest and is raised bare (never in
+    an exception group)."""
     failures: list[Exception] = []
+    setups = setups or {}
 
     async def one(vm: Machine) -> None:
         try:
-            await restore(vm, template, timeout=timeout, sync_guest=sync_guest)
+            await restore(
+                vm, template, timeout=timeout, sync_guest=sync_guest, setup=setups.get(vm.name)
+            )
         except Exception as exc:
             if not failures:
                 failures.append(exc)

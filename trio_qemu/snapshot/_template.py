@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -32,6 +33,7 @@ __all__ = [
     "backed_config",
     "base_config",
     "check_template_config",
+    "clone_ram_path",
     "digest",
     "file_stamp",
     "load_template",
@@ -42,6 +44,7 @@ __all__ = [
     "resolve_binary",
     "signature",
     "state_record",
+    "unbound_fds",
 ]
 
 FORMAT_VERSION: Final = 1
@@ -213,6 +216,40 @@ def base_config(config: MachineConfig) -> MachineConfig:
 
 def _escape(value: str) -> str:
     return value.replace(",", ",,")
+
+
+_CLONE_BACKEND = re.compile(
+    rf"memory-backend-file,id={MEMORY_BACKEND_ID},size=\d+,mem-path=((?:[^,]|,,)*),share=off\Z"
+)
+
+
+def clone_ram_path(config: MachineConfig) -> str | None:
+    """The template RAM file that ``config`` maps privately if it is a clone's config (made
+    by :meth:`Template.config`: that backend and ``-incoming defer``), else None."""
+    args = list(config.args)
+    if args[-2:] != ["-incoming", "defer"]:
+        return None
+    for option, value in itertools.pairwise(args):
+        if option in ("-object", "--object"):
+            match = _CLONE_BACKEND.match(value)
+            if match is not None:
+                return match.group(1).replace(",,", ",")
+    return None
+
+
+def unbound_fds(config: MachineConfig) -> list[str]:
+    """The ``fd=``-like options in ``config.args`` whose fd numbers QEMU would not inherit
+    (they are not in ``inherit_fds`` or ``fds``): the fds of the machine that made a
+    template, still in its clone's command line until something gives it fds of its own
+    (``trio_qemu.network``'s ``attach`` does for a NIC)."""
+    passed = {*config.inherit_fds, *(spec.fd for spec in config.fds)}
+    unbound = []
+    for arg in config.args:
+        for match in _FD_OPTION.finditer(arg):
+            numbers = [int(n) for n in match.group(2).split(":")]
+            if any(n not in passed for n in numbers):
+                unbound.append(f"{match.group(0)} in {arg!r}")
+    return unbound
 
 
 def backed_config(
