@@ -157,6 +157,13 @@ def test_negative_buffer_is_rejected() -> None:
         EventHub().subscribe("X", buffer=-1)
 
 
+@pytest.mark.parametrize("sizes", [{"cache_size": -1}, {"default_buffer": 0}])
+def test_hub_sizes_are_checked(sizes: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="cache_size must be >= 0 and default_buffer >= 1"):
+        EventHub(**sizes)
+    EventHub(cache_size=0, default_buffer=1)  # the smallest allowed
+
+
 async def test_leaving_a_subscription_unsubscribes() -> None:
     hub = EventHub()
     with hub.subscribe("X") as sub:
@@ -269,8 +276,8 @@ async def test_wait_times_out(autojump_clock: trio.abc.Clock) -> None:
     hub = EventHub()
     hub.publish(ev("OTHER"))
     start = trio.current_time()
-    with pytest.raises(QMPTimeout):
-        await hub.wait([("X", None)], timeout=5)
+    with pytest.raises(QMPTimeout, match="no event X, Y within 5 s"):
+        await hub.wait([("X", None), ("Y", None)], timeout=5)
     assert trio.current_time() - start == pytest.approx(5)
     # a timed-out wait leaves no waiter behind: the next event is cached
     hub.publish(ev("X"))
@@ -378,12 +385,14 @@ async def test_close_clean_ends_iteration_and_wait_raises_closed() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(waiter)
         await trio.testing.wait_all_tasks_blocked()
+        assert hub.closed is False
         hub.close(None)
     assert len(pending) == 1
+    assert "QMP connection closed while waiting for an event" in str(pending[0])
     assert [e["data"]["n"] async for e in sub] == [0, 1]
     with pytest.raises(trio.EndOfChannel):
         await sub.receive()
-    with pytest.raises(QMPConnectionClosed):
+    with pytest.raises(QMPConnectionClosed, match="QMP connection is closed: no more events"):
         await hub.wait([("Z", None)], timeout=1)
     assert [e async for e in hub.subscribe("X")] == []
 

@@ -1,4 +1,4 @@
-"""Cancellation fuzz (seeded, 210 cancellation points in all) against a real QEMU under TCG:
+"""Cancellation fuzz (seeded, 214 cancellation points in all) against a real QEMU under TCG:
 a run cut short at any point leaks nothing, and a machine whose block is cut ends gracefully.
 
 - ``-machine none`` lifecycles (launch, QMP commands including ``query-qmp-schema``,
@@ -181,8 +181,21 @@ _CLONE_PHASES = ("launch", "restore", "sync", "command", "teardown")
 _CLONE_CUTS = (2, 3, 3, 1, 1)
 
 
+@dataclass
+class _Aim:
+    """Cut ``scope`` ``offset`` seconds after the run enters ``phase``."""
+
+    phase: str
+    offset: float
+    scope: trio.CancelScope
+
+
 async def _clone_lifecycle(
-    template: Template, base: Path, run: Run, starts: dict[str, float] | None = None
+    template: Template,
+    base: Path,
+    run: Run,
+    starts: dict[str, float] | None = None,
+    aim: _Aim | None = None,
 ) -> None:
     """``open_clone``'s two halves, step by step, for a clone on a switch: launch it
     (``switch.open_machines``), restore it (``migrate-incoming``, ``cont``), sync the guest
@@ -194,6 +207,8 @@ async def _clone_lifecycle(
         run.marks.append(phase)
         if starts is not None:
             starts[phase] = trio.current_time() - begin
+        if aim is not None and aim.phase == phase:
+            aim.scope.deadline = trio.current_time() + aim.offset
 
     mark("launch")
     async with Switch("fuzz").running() as switch:
@@ -214,9 +229,9 @@ async def _clone_lifecycle(
 
 
 async def test_cancel_fuzz_clone_restore(tmp_path: Path, tiny_guest: GuestImage) -> None:
-    """About 10 cuts spread over the phases of a clone's restore (timed, each at a random
-    point of its phase in an uncut run): nothing is left behind, and a clone whose block
-    was cut obeys ``quit``."""
+    """10 cuts spread over the phases of a clone's restore (each at a random time into its
+    phase, within the phase's length in an uncut run), then 4 in ``switch.open_clones``:
+    nothing is left behind, and a clone whose block was cut obeys ``quit``."""
     rng = random.Random(SEED + 3)
     base = make_base(tmp_path)
     with Switch("fuzz") as maker:
@@ -233,26 +248,43 @@ async def test_cancel_fuzz_clone_restore(tmp_path: Path, tiny_guest: GuestImage)
     for phase, cuts in zip(_CLONE_PHASES, _CLONE_CUTS, strict=True):
         after = list(starts)[list(starts).index(phase) + 1]
         for _ in range(cuts):
-            cut = Cut("time", rng.uniform(starts[phase], starts[after]))
+            # Timed from the moment the run enters the phase, so that it lands there
+            # however the load stretches the phases before it.
+            offset = rng.uniform(0.0, starts[after] - starts[phase])
+            cut = Cut("time", offset)
             run = Run()
-            with trio.fail_after(120), cut_after(cut) as (scope, _):
-                await _clone_lifecycle(template, base, run)
+            with trio.fail_after(120), trio.CancelScope() as scope:
+                await _clone_lifecycle(template, base, run, aim=_Aim(phase, offset, scope))
             landed = run.marks[-1] if scope.cancelled_caught else "completed"
             how = ending(run.vm)
             tally.add(cut, landed, how)
-            where = f"trial {trial} (aimed at {phase}, {cut.describe()}, landed in {landed})"
+            where = f"trial {trial} ({cut.describe()} into {phase}, landed in {landed})"
             assert (run.vm is None) == (landed == "launch"), f"{where}: {how}"
             if run.vm is not None:
                 assert how == "graceful", f"{where}: QEMU ended {how}\n{run.vm.log[-2000:]}"
             census.check(where)
             trial += 1
+    # And the one-call form, switch.open_clones: no machine to ask how it ended, but the
+    # census must hold after cuts anywhere in it.
+    for _ in range(4):
+        cut = Cut("time", rng.uniform(0.0, starts["command"]))
+        with trio.fail_after(120), cut_after(cut) as (scope, _):
+            async with Switch("fuzz").running() as switch:
+                config = switch.attach(
+                    template.config(name="clone", base_temp_dir=base), ip="10.0.0.1/24"
+                )
+                async with switch.open_clones(template, config):
+                    pass
+        tally.add(cut, "open_clones" if scope.cancelled_caught else "completed", "?")
+        census.check(f"trial {trial} (open_clones, {cut.describe()})")
+        trial += 1
     print(
         f"clone restore: {trial} cuts in {time.monotonic() - start:.1f} s; phases of an uncut "
         + ", ".join(f"{p} {starts[p] * 1000:.0f} ms" for p in starts)
         + f"; landed: {tally.phases}; endings: {tally.endings}"
     )
     assert tally.landed() >= trial * 0.7, tally.phases
-    assert tally.total("restore") + tally.total("sync") >= 3, tally.phases
+    assert tally.total("restore") + tally.total("sync") >= 4, tally.phases
 
 
 # -- shell commands in a booted guest ------------------------------------------------------------

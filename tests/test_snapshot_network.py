@@ -22,7 +22,7 @@ import pytest
 import trio
 from census import Census, qemu_children
 
-from trio_qemu import Machine, MachineConfig
+from trio_qemu import LaunchError, Machine, MachineConfig, open_machine
 from trio_qemu.guest import GuestImage
 from trio_qemu.network import Link, Switch, mac_address, ping
 from trio_qemu.snapshot import Template, TemplateError, ensure_template, open_clone, restore
@@ -91,6 +91,8 @@ def test_a_clone_config_is_plugged_into_the_templates_nic(
         assert made.append == tiny_guest.append  # no address: the guest's NIC stays down
         template = fake_template(tmp_path, made.replace(inherit_fds=(), name=None))
         clone = template.config(name="c_1")
+        # The maker's fd number is not the clone's: QEMU would refuse it, never misuse it.
+        assert f"dgram,id={NET},local.type=fd,local.str=unbound" in clone.args
         plugged = switch.attach(clone, ip="10.0.0.7/24", gateway="10.0.0.254")
         (fd,) = plugged.inherit_fds
         # Only the fd number changed: the template's MAC and kernel command line stay.
@@ -101,16 +103,16 @@ def test_a_clone_config_is_plugged_into_the_templates_nic(
         assert switch.mac("c_1") == mac_address(NET, "c_1") != template_mac
         assert switch.address("c_1") == "10.0.0.7" and switch.iface("c_1") == "eth0"
         line = switch.identity_command("c_1")
-        assert f"ip link set dev eth0 address {switch.mac('c_1')}" in line
+        assert f"ip link set dev eth0 address {switch.mac('c_1')} up" in line
         assert "ip addr add 10.0.0.7/24 dev eth0" in line
         assert "ip route add default via 10.0.0.254 dev eth0" in line
-        assert "hostname c-1" in line  # the machine's name, made a host name
+        assert "echo c-1 >/proc/sys/kernel/hostname" in line  # the machine's name, as a host name
         assert "arping -U -c 1 -I eth0 10.0.0.7" in line
         ipv6 = switch.attach(
             template.config(name="v6"), ip="fd00::5/64", mac="02:00:00:00:00:05", hostname="h"
         )
         line6 = switch.identity_command("v6")
-        assert "ip addr add fd00::5/64 dev eth0" in line6 and "hostname h" in line6
+        assert "ip addr add fd00::5/64 dev eth0" in line6 and "echo h >" in line6
         assert "arping" not in line6 and "02:00:00:00:00:05" in line6
         assert ipv6.append == clone.append
 
@@ -157,6 +159,19 @@ async def test_a_nic_template_is_cloned_only_through_a_network(
             async with switch.open_clones(shell_less, switch.attach(shell_less.config(name="q"))):
                 pass
     assert qemu_children() == set()
+
+
+async def test_a_nic_clone_launched_without_its_network_is_refused_by_qemu(
+    tiny_guest: GuestImage, cache_dir: Path, base: Path
+) -> None:
+    """Launched around the network, a clone's NIC names fd ``unbound``: QEMU refuses it at
+    once (it could otherwise take one of the clone's own fds for the template's)."""
+    template = await net_template(tiny_guest, cache_dir)
+    census = Census(base)
+    with pytest.raises(LaunchError, match="Invalid file descriptor number 'unbound'"):
+        async with open_machine(template.config(name="raw", base_temp_dir=base)):
+            pass
+    census.check("after the refused launch")
 
 
 # -- real clones -------------------------------------------------------------------------------

@@ -55,21 +55,23 @@ the RNG seed::
         async with switch.open_clones(template, *configs) as vms:
             assert (await ping(vms[0], "10.0.0.8")).ok
 
-The identity (:meth:`identity_command <Switch.identity_command>`) takes the interface
-down (its routes, neighbours and IPv6 addresses go), flushes its addresses, sets the MAC
-(virtio-net tells QEMU through its control queue, so QEMU's receive filter and
-``query-rx-filter``'s ``main-mac`` follow; e1000 through its address registers), brings
-it up, adds the address and the default route, sets the host name (default: the
-machine's name) and sends one unsolicited ARP (busybox ``arping -U``) so that switches
-and neighbours learn the MAC at once. Limits: the NIC's ``mac=`` property in QEMU's
-command line stays the template's (the live MAC is the guest's: ``query-rx-filter``);
-the guest needs busybox-like ``ip`` and ``hostname`` and a shell or agent; an IPv6
-address goes through duplicate address detection (~1 s) as at boot; the template's
-network name is part of its command line, so its clones join networks of that name;
-state the template's guest kept about its network (open sockets, services bound to an
-address) is the template's, and a clone's only if it was made after the identity.
-Restores set QEMU's ``announce-rounds`` to 0, so a clone never announces the template's
-MAC.
+The identity (:meth:`identity_command <Switch.identity_command>`, one guest command of 4-5
+processes) takes the interface down if it is up (its routes, neighbours and IPv6 addresses
+go), flushes its addresses, sets the MAC and brings it up (virtio-net tells QEMU through
+its control queue, so QEMU's receive filter and ``query-rx-filter``'s ``main-mac``
+follow; e1000 through its receive-address registers), adds the address and the default
+route, sets the host name (default: the machine's name) and sends one unsolicited ARP
+(busybox ``arping -U``) so that neighbours and the switch learn the MAC at once.
+
+Limits: the NIC's ``mac=`` in QEMU's command line stays the template's (the MAC the
+guest uses is in ``query-rx-filter``, for virtio-net); the guest needs busybox-like
+``ip`` and a shell or the agent; an e1000 NIC takes 1-3 s to get its carrier after
+coming up (:func:`wait_carrier`), and an IPv6 address goes through duplicate address
+detection (~1 s), as at boot; the template's network name is part of its command line,
+so its clones join networks of that name; whatever the template's guest derived from its
+network identity during ``prepare`` (a service bound to an address, a file holding the
+host name) stays the template's. Restores set QEMU's ``announce-rounds`` to 0, so a
+clone never announces the template's MAC.
 
 **File descriptors.** Each attach creates a socketpair now (the config must name the fd
 QEMU inherits); until the machine has started, this process holds QEMU's end as well. Those

@@ -187,7 +187,7 @@ class _Network(ClosesOnExit):
             device_id = f"{self.name}-nic"
             if plug is not None:
                 args = list(config.args)
-                args[plug] = re.sub(r"(?<=local\.str=)\d+", str(fd), args[plug])
+                args[plug] = re.sub(r"(?<=local\.str=)[^,]+", str(fd), args[plug])
                 new = config.replace(args=args, inherit_fds=[*config.inherit_fds, fd])
             else:
                 new = config.replace(

@@ -132,21 +132,23 @@ def _nic_count(args: Sequence[str]) -> int:
     )
 
 
-def _netdev_fd(value: str) -> int | None:
-    """The fd of a ``dgram,...,local.type=fd,local.str=FD`` netdev value, else None."""
+def _netdev_fd(value: str) -> str | None:
+    """The fd (a number, or ``unbound`` in a clone's config) of a
+    ``dgram,...,local.type=fd,local.str=FD`` netdev value, else None."""
     items = value.split(",")
     if items[0] != "dgram" or "local.type=fd" not in items:
         return None
     for item in items:
-        if item.startswith("local.str=") and item[10:].isdigit():
-            return int(item[10:])
+        if item.startswith("local.str="):
+            return item[10:]
     return None
 
 
 def _unplugged_netdev(config: MachineConfig, netdev_id: str) -> int | None:
     """The index in ``config.args`` of the ``-netdev dgram`` value with id ``netdev_id``
-    whose fd QEMU would not inherit: a template's NIC waiting for a socket (see
-    ``_Network.attach``). None if there is none (or its fd is inherited)."""
+    whose fd QEMU would not inherit (``unbound``, or a number not in ``inherit_fds``): a
+    template's NIC waiting for a socket (see ``_Network.attach``). None if there is none
+    (or its fd is inherited)."""
     args = list(config.args)
     for index in range(1, len(args)):
         if args[index - 1] not in ("-netdev", "--netdev"):
@@ -155,7 +157,7 @@ def _unplugged_netdev(config: MachineConfig, netdev_id: str) -> int | None:
         if f"id={netdev_id}" not in value.split(","):
             continue
         fd = _netdev_fd(value)
-        if fd is not None and fd not in config.inherit_fds:
+        if fd is not None and not (fd.isdigit() and int(fd) in config.inherit_fds):
             return index
     return None
 

@@ -28,6 +28,7 @@ __all__ = [
     "PER_MACHINE_FIELDS",
     "RAM_FILE",
     "STATE_FILE",
+    "UNBOUND_FD",
     "Template",
     "TemplateError",
     "backed_config",
@@ -44,6 +45,7 @@ __all__ = [
     "resolve_binary",
     "signature",
     "state_record",
+    "unbind_fds",
     "unbound_fds",
 ]
 
@@ -81,9 +83,16 @@ PER_MACHINE_FIELDS: Final = frozenset(
 side of one machine, not the guest. Every other field must keep the template's value (fd
 numbers inside ``args`` and ``fds`` may differ: each machine has its own)."""
 
-#: Option keys whose values are file descriptor numbers, in QEMU's ``key=value,...`` syntax.
+UNBOUND_FD: Final = "unbound"
+"""What :meth:`Template.config` writes in place of an fd number the clone does not inherit
+(the template's machine had it): QEMU refuses it at launch ("Invalid file descriptor
+number"), never mistaking it for one of the clone's own fds."""
+
+#: Option keys whose values are file descriptor numbers, in QEMU's ``key=value,...`` syntax
+#: (or UNBOUND_FD in a clone's config).
 _FD_OPTION = re.compile(
-    r"(?:(?<=,)|^)(fd|fds|vhostfd|vhostfds|sock_fd|local\.str|remote\.str)=(\d+(?::\d+)*)(?=,|$)"
+    r"(?:(?<=,)|^)(fd|fds|vhostfd|vhostfds|sock_fd|local\.str|remote\.str)="
+    rf"(\d+(?::\d+)*|{UNBOUND_FD})(?=,|$)"
 )
 _MEMORY = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)[bB]?\s*$")
 _UNITS: Final = {"": 20, "k": 10, "m": 20, "g": 30, "t": 40}
@@ -246,10 +255,26 @@ def unbound_fds(config: MachineConfig) -> list[str]:
     unbound = []
     for arg in config.args:
         for match in _FD_OPTION.finditer(arg):
-            numbers = [int(n) for n in match.group(2).split(":")]
-            if any(n not in passed for n in numbers):
+            if not _bound(match.group(2), passed):
                 unbound.append(f"{match.group(0)} in {arg!r}")
     return unbound
+
+
+def _bound(value: str, passed: set[int]) -> bool:
+    return value != UNBOUND_FD and all(int(n) in passed for n in value.split(":"))
+
+
+def unbind_fds(config: MachineConfig) -> MachineConfig:
+    """``config`` with :data:`UNBOUND_FD` for every fd number in its ``args`` that it does
+    not pass to QEMU (see :func:`unbound_fds`)."""
+    passed = {*config.inherit_fds, *(spec.fd for spec in config.fds)}
+
+    def unbind(match: re.Match[str]) -> str:
+        if _bound(match.group(2), passed):
+            return match.group(0)
+        return f"{match.group(1)}={UNBOUND_FD}"
+
+    return config.replace(args=[_FD_OPTION.sub(unbind, arg) for arg in config.args])
 
 
 def backed_config(
@@ -336,7 +361,11 @@ class Template:
         :func:`restore` it; :func:`open_clone` does both.
 
         It is :attr:`base` with ``fields`` changed, its RAM a private copy-on-write mapping
-        of the template's RAM file, and ``-incoming defer``.
+        of the template's RAM file, and ``-incoming defer``. An fd number in ``args`` that
+        the clone does not inherit (the template's machine had it, e.g. for a NIC on a
+        network) becomes ``unbound``, which QEMU refuses at launch: a clone of a template
+        with a NIC joins its network through ``network.attach(template.config(...))``,
+        which gives the NIC its socket.
 
         Args:
             **fields: :class:`~trio_qemu.MachineConfig` fields. Those in
@@ -373,7 +402,9 @@ class Template:
             raise TemplateError(
                 f"the clone's config does not match template {self.key}: " + "; ".join(differences)
             )
-        return backed_config(clone, self.ram_path, self.ram_size, share=False)
+        # The maker's fd numbers mean nothing here: never let QEMU take one of the clone's
+        # own fds for them (trio_qemu.network's attach gives a NIC its socket).
+        return backed_config(unbind_fds(clone), self.ram_path, self.ram_size, share=False)
 
     def verify(self) -> None:
         """Check, cheaply (``stat`` only), that the template's files are as they were made
