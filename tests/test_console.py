@@ -62,7 +62,7 @@ async def test_match_across_chunk_boundaries() -> None:
             results.append(await console.wait_for(b"hello world", timeout=5))
 
         nursery.start_soon(waiter)
-        for piece in (b"xx hel", b"lo wor", b"ld yy"):
+        for piece in (b"xx hel", b"lo worl", b"d yy"):
             await settle()
             assert not results
             await peer.send_all(piece)
@@ -98,6 +98,8 @@ async def test_str_and_bytes_patterns_are_literal() -> None:
             await console.wait_for(b"")
         with pytest.raises(TypeError, match="bytes"):
             await console.wait_for(re.compile("text"))  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="bytes, str or a compiled bytes regex, not 5"):
+            await console.wait_for(5)  # type: ignore[arg-type]
 
 
 async def test_regex_sees_context_before_the_cursor() -> None:
@@ -166,6 +168,10 @@ async def test_fail_pattern_first_in_the_stream_wins() -> None:
         with pytest.raises(ConsoleFailure) as info:
             await console.wait_for(b"error", fail="err", timeout=5)
         assert info.value.match.group() == b"err"  # type: ignore[attr-defined]
+        # A fail pattern is found even when the awaited one never comes.
+        await peer.send_all(b"Oops")
+        with pytest.raises(ConsoleFailure):
+            await console.wait_for(b"never", fail=[b"Oops"], timeout=5)
 
 
 async def test_fail_pattern_while_waiting() -> None:
@@ -185,6 +191,10 @@ async def test_fail_pattern_while_waiting() -> None:
         await peer.send_all(b"LED: disk\nREADY\n")
         await settle()
         assert errors[0].match.group(2) == b"disk"  # type: ignore[attr-defined]
+        assert str(errors[0]).startswith(
+            "console: fail pattern re.compile(b'FAIL(ED)?: (\\\\w+)') appeared while waiting "
+            "for b'READY'\n"
+        )
 
 
 async def test_timeout_raises_console_timeout_with_tail() -> None:
@@ -195,7 +205,9 @@ async def test_timeout_raises_console_timeout_with_tail() -> None:
             await console.wait_for(b"never", timeout=0.2)
         assert 0.2 <= trio.current_time() - start < 2
         assert isinstance(info.value, TimeoutError) and isinstance(info.value, MachineError)
-        assert "b'never'" in str(info.value) and "0.2" in str(info.value)
+        assert str(info.value).startswith(
+            "console: timed out after 0.2 s waiting for b'never' on the console\n"
+        )
         assert info.value.tail.endswith(b"some output\n") and len(info.value.tail) == 4096
         # The cursor did not move.
         assert (await console.wait_for(b"some", timeout=5)).group() == b"some"
@@ -224,10 +236,11 @@ async def test_ring_buffer_is_bounded() -> None:
         await settle()
         assert done and done[0].group() == b"END-OF-FLOOD"
         assert console.total_bytes == len(flood) + 13
-        assert largest <= 2 * size + 65536
+        assert largest <= 2 * size  # trimmed back to `size` whenever an append passes 2 x size
         assert len(console.output()) == size
         assert console.output().endswith(flood[-(size - 13) :] + b"END-OF-FLOOD\n")
         assert console.tail(13) == b"END-OF-FLOOD\n"
+        assert (console.tail(1), console.tail(0), console.tail(-1)) == (b"\n", b"", b"")
         assert console.tail(10 * size) == console.output()
         # A wait started now sees only new data.
         with pytest.raises(ConsoleTimeout):
@@ -258,6 +271,18 @@ async def test_log_file_gets_everything(tmp_path: Path) -> None:
     assert console.output() == data[-4096:]
 
 
+async def test_failing_log_is_given_up_not_the_drain(caplog: pytest.LogCaptureFixture) -> None:
+    async with fed_console(name="vm3", log_path=Path("/dev/full")) as (console, peer):
+        await peer.send_all(b"first\n")  # write and close both fail: no space left on device
+        assert (await console.wait_for(b"first", timeout=5)).group() == b"first"
+        await peer.send_all(b"second\n")
+        assert (await console.wait_for(b"second", timeout=5)).group() == b"second"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("vm3: writing console log /dev/full failed, no longer logging:")
+    assert "No space left on device" in warnings[0]
+
+
 async def test_unopenable_log_file_fails_start(tmp_path: Path) -> None:
     console = Console(log_path=tmp_path / "missing-dir" / "console.log")
     ours, theirs = socket.socketpair()
@@ -268,6 +293,8 @@ async def test_unopenable_log_file_fails_start(tmp_path: Path) -> None:
     assert console.ended
     with pytest.raises(ConsoleClosed, match="log could not be opened"):
         await console.wait_for(b"x")
+    with pytest.raises(ConsoleClosed, match="log could not be opened"):  # not an orderly end
+        await console.lines().__anext__()
 
 
 # --- lines ------------------------------------------------------------------------------
@@ -342,6 +369,7 @@ async def test_close_with_error_wakes_waiters_promptly() -> None:
         error = MachineExited("vm1", -9, "qemu log")
         console.close(error)
         console.close(MachineExited("vm1", 1, "ignored: only the first close counts"))
+        assert "ended: closed: MachineExited(" in repr(console)
         await settle()
         assert trio.current_time() - start < 0.5
         assert len(failures) == 2
@@ -358,6 +386,15 @@ async def test_close_with_error_wakes_waiters_promptly() -> None:
         assert console.output().endswith(b"after close\n") and console.running
         # Output already received still matches.
         assert (await console.wait_for(b"after")).group() == b"after"
+
+
+async def test_an_empty_first_line() -> None:
+    async with fed_console() as (console, peer):
+        await peer.send_all(b"\nnext\n")  # the first newline is the buffer's first byte
+        await settle()
+        lines = console.lines()
+        with trio.fail_after(5):
+            assert [await lines.__anext__(), await lines.__anext__()] == [b"", b"next"]
 
 
 async def test_close_without_error() -> None:
@@ -391,7 +428,7 @@ async def test_end_of_file_ends_iterators_and_waits() -> None:
         assert console.ended and not console.running
         assert [line async for line in console] == [b"hello", b"world"]
         assert (await console.wait_for(b"world")).group() == b"world"  # already received
-        with pytest.raises(ConsoleClosed, match="end of file"):
+        with pytest.raises(ConsoleClosed, match=r"end of file\) while waiting for b'more'"):
             await console.wait_for(b"more")
         with pytest.raises(MachineError, match="end of file"):
             await console.write(b"x")
@@ -412,12 +449,35 @@ async def test_cancelled_drain_ends_the_console() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(console.run, _stream(ours))
             assert console.running
+            assert repr(console) == "<Console 'vm7' running, 0 bytes received>"
             nursery.cancel_scope.cancel()
         assert console.ended and not console.running
         with pytest.raises(ConsoleClosed, match="vm7: the console ended \\(the console drain"):
             await console.wait_for(b"x")
+        with pytest.raises(ConsoleClosed, match=r"drain stopped\) while reading lines"):
+            await console.lines().__anext__()  # not an orderly end
         with pytest.raises(RuntimeError, match="once"):
             await console.run(_stream(theirs))
+
+
+async def test_broken_connection_ends_the_console() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        console = Console(name="vm4")
+        stream = _stream(ours)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(console.run, stream)
+            await stream.aclose()  # under the drain's feet: ClosedResourceError
+        assert console.ended and not console.running
+        with pytest.raises(ConsoleClosed, match=r"\(the console connection broke: Closed"):
+            await console.wait_for(b"x")
+
+
+def test_buffer_size_and_defaults() -> None:
+    with pytest.raises(ValueError, match="buffer_size must be at least 1, not 0"):
+        Console(buffer_size=0)
+    console = Console(buffer_size=1)
+    assert repr(console) == "<Console 'console' not running, 0 bytes received>"
 
 
 # --- input ------------------------------------------------------------------------------
@@ -425,7 +485,7 @@ async def test_cancelled_drain_ends_the_console() -> None:
 
 async def test_write_and_send_line() -> None:
     console = Console(name="vm2")
-    with pytest.raises(MachineError, match=r"vm2: cannot write.*not been started"):
+    with pytest.raises(MachineError, match=r"vm2: cannot write.*Console.run\(\) has not been"):
         await console.write(b"x")
     ours, theirs = socket.socketpair()
     with ours, theirs:
@@ -440,7 +500,7 @@ async def test_write_and_send_line() -> None:
             while len(received) < len(expected):
                 received += await peer.receive_some()
             assert received == expected
-            with pytest.raises(TypeError):
+            with pytest.raises(TypeError, match=r"Console.write takes bytes; use send_line\(\)"):
                 await console.write("text")  # type: ignore[arg-type]
             nursery.cancel_scope.cancel()
     with pytest.raises(MachineError, match="cannot write"):

@@ -24,6 +24,17 @@ from trio_qemu import Machine, MachineError, MachineExited, open_machine
 from trio_qemu._config import SHELL_PORT_NAME
 from trio_qemu._errors import GuestCommandError, ShellError, ShellTimeout
 from trio_qemu._shell import SHELL_AGENT_PATH, GuestResult, Shell
+from trio_qemu._shell_protocol import (
+    MAX_PINGS,
+    Framer,
+    Pings,
+    Reply,
+    RequestIds,
+    encode_run,
+    kill_request,
+    ping_request,
+    run_request,
+)
 from trio_qemu.guest import GuestImage, build_guest
 
 BOOT_TIMEOUT = 60.0
@@ -548,6 +559,43 @@ def test_check_returncode() -> None:
         "false", 1, b"out", b"err",
     )  # fmt: skip
     assert "stdout=b'out'" in repr(bad)
+
+
+# --- the protocol's pure parts (trio_qemu._shell_protocol) ------------------------------------
+
+
+def test_request_bytes() -> None:
+    """The exact bytes (the fake agent above skips blank lines, the real one parses fields)."""
+    command, stdin = encode_run("echo hi", b"in")
+    assert (command, stdin) == (b"ZWNobyBoaQ==", b"aW4=")
+    assert encode_run("", None) == (b"-", b"")
+    assert run_request(b"t-1", 99, command, stdin) == b"\nR t-1 99 4 ZWNobyBoaQ== t-1\naW4=\n"
+    assert run_request(b"t-2", 99, b"-", b"") == b"\nR t-2 99 0 - t-2\n"
+    assert ping_request(b"t-3") == b"\nP t-3 t-3\n"
+    assert kill_request(b"t-1") == b"\nK t-1 t-1\n"
+    assert kill_request(b"t-1", b"t-4") == b"\nK t-1 t-1\nP t-4 t-4\n"
+    ids = RequestIds()
+    first, second = ids.new(), ids.new()
+    assert first.endswith(b"-1") and second.endswith(b"-2") and first[:-1] == second[:-1]
+    assert set(first.decode()) <= set("0123456789abcdef-")
+
+
+def test_framer_across_chunks_and_pings_forget_the_oldest() -> None:
+    framer = Framer(lambda head: None)
+    reply = Reply(b"r", 0, 5, 0)
+    lines = []
+    # A control line and a base64 group, each cut by a chunk boundary; a cut-short line.
+    for chunk in (b"#B r 0 5 0\nQUJD", b"REU=\n#M", b" r\n#B ol#E r 0\n"):
+        framer.feed(chunk)
+        while (line := framer.next_control(reply)) is not None:
+            lines.append(line)
+    assert lines == [b"#B r 0 5 0", b"#M r", b"#E r 0"]
+    assert reply.finish() == (b"ABCDE", b"")
+    pings = Pings()
+    for i in range(MAX_PINGS + 1):
+        pings.add(b"p-%d" % i, i)
+    assert b"p-0" not in pings and pings.answer(b"p-0") is None
+    assert pings.answer(b"p-1") == 1 and b"p-1" not in pings
 
 
 # --- the real guest ---------------------------------------------------------------------------

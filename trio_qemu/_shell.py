@@ -7,39 +7,16 @@ clean record of what the guest printed, and nothing a command prints can be mist
 protocol.
 
 The guest side is the shell agent, :data:`SHELL_AGENT_SCRIPT`, a busybox ``sh`` loop the
-tiny guest's ``/init`` starts. The protocol is line based; every request and reply carries an
-id, and anything that does not parse is ignored, so junk or a request cut short cannot derail
-it::
-
-    host -> guest
-      P <id> <id>                                   ping
-      R <id> <max> <stdin-len> <command-b64> <id>   run; then <stdin-len> bytes of base64
-                                                    stdin and a newline, when stdin-len > 0
-      K <id> <id>                                   kill the process group of run <id>
-    guest -> host
-      #R <pid>                                      the agent (re)started
-      #P <id>                                       pong
-      #B <id> <rc> <out-len> <err-len>              a result: base64 lines of stdout,
-      #M <id>                                       then this, base64 lines of stderr,
-      #E <id> <rc>                                  then this
-      #X <id> <rc> <out-len> <err-len>              a result larger than <max>, not sent
-
-Lines the guest sends start with ``#``, which base64 never contains. The command is
-base64-encoded on the request line, so no byte of it can break the framing; the request line
-ends with its id again, so a line cut short is never run. The guest runs each command in the
-background in a session of its own (``setsid sh -c ...``) with stdout and stderr in files,
-records its pid, and queues its result when it exits; a single writer sends the queued
-results and pongs one whole reply at a time, so replies never interleave. A kill request
-marks the run killed and kills its whole process group; the command looks at that mark once
-it leads its session, so a kill that comes before the process group exists is not lost.
+tiny guest's ``/init`` starts. The line protocol between the two, with its framing, is
+described in ``_shell_protocol.py``, which holds its host side as pure code (requests, ids,
+pings, and the reader's framing and base64 decoding); this module holds :class:`Shell`, the
+part that needs Trio and the shell's state: the channel, the lock, timeouts, kills, and
+telling a gone agent.
 
 On the host, a result whose id is not the one awaited (a command that was killed after a
 timeout) is skipped whole. A run cancelled after its request was sent asks for the kill, and
 the next call first reads that run's result to its end (bounded by ``kill_timeout``), so
-nothing of it is pending when the next request goes out. The reader looks for control lines
-only: a ``#`` (which base64 never holds) starts one, and the text between them, a result's
-base64, is decoded as it comes into one buffer per stream (so a line a dying writer left
-unfinished never swallows the next agent's first line).
+nothing of it is pending when the next request goes out.
 
 A dead agent shows in two ways. QEMU reports the guest closing its end of the port (the
 ``VSERPORT_CHANGE`` event, for a port device with an id); the owning machine passes that on
@@ -50,13 +27,8 @@ never as a command killed.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import importlib.resources
-import io
-import itertools
 import logging
-import secrets
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,7 +44,20 @@ from ._errors import (
     ShellTimeout,
     copy_error,
 )
-from ._util import LineSplitter, registered_scope
+from ._shell_protocol import (
+    KILLED,
+    MAX_LINE,
+    Framer,
+    Pings,
+    Reply,
+    RequestIds,
+    ResultReader,
+    encode_run,
+    kill_request,
+    ping_request,
+    run_request,
+)
+from ._util import registered_scope
 
 __all__ = ["SHELL_AGENT_PATH", "SHELL_AGENT_SCRIPT", "GuestResult", "Shell"]
 
@@ -93,15 +78,9 @@ port's path (``trio_qemu/guest/files/trio-shell-agent.sh``)."""
 
 #: Bytes asked for per receive.
 _RECEIVE_SIZE: Final = 65536
-#: The longest control line (``#...``) kept; a longer one is skipped (ours are < 100 bytes).
-_MAX_LINE: Final = 65536
 #: The first and the longest interval between pings while waiting for the agent.
 _PING_FIRST: Final = 0.25
 _PING_MAX: Final = 4.0
-#: Unanswered pings remembered (an answer to an older one is not recognised).
-_MAX_PINGS: Final = 64
-#: The exit status the guest reports for a command killed by SIGKILL (128 + 9).
-_KILLED: Final = 137
 
 
 @dataclass(frozen=True)
@@ -139,90 +118,6 @@ class _EventSource(Protocol):
     async def receive(self) -> Mapping[str, Any]: ...
 
     def close(self) -> None: ...
-
-
-class _Decoder:
-    """One stream of a result (stdout or stderr), decoded from base64 as it arrives.
-
-    The bytes go straight into one buffer of the announced size, allocated once; on CPython
-    ``BytesIO.getvalue`` then hands that very buffer over as the result's ``bytes`` (no copy
-    while nothing else holds a view of it). Only a base64 group cut by a chunk boundary (at
-    most 3 characters) is carried from one chunk to the next.
-    """
-
-    __slots__ = ("_buffer", "_carry", "_chars", "_limit", "_padded", "length")
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-        self._limit = 4 * (-(-length // 3))  # base64 of n bytes: 4 * ceil(n / 3) characters
-        self._chars = 0
-        self._carry = b""
-        self._padded = False
-        self._buffer = io.BytesIO()
-        if length:
-            self._buffer.seek(length - 1)
-            self._buffer.write(b"\0")  # the whole buffer at once: it never grows
-            self._buffer.seek(0)
-
-    def feed(self, text: bytes) -> None:
-        """Decode base64 ``text`` (newlines anywhere). ValueError if it is not base64 or is
-        more than announced."""
-        text = text.translate(None, b"\n")
-        if not text:
-            return
-        self._chars += len(text)
-        if self._chars > self._limit:
-            raise ValueError("more output than it announced")
-        if self._carry:
-            text = self._carry + text
-        cut = len(text) - len(text) % 4
-        self._carry = text[cut:]
-        if not cut:
-            return
-        if self._padded:
-            raise ValueError("bad base64: text after the padding")
-        try:
-            data = binascii.a2b_base64(text[:cut] if self._carry else text, strict_mode=True)
-        except binascii.Error as exc:
-            raise ValueError(f"bad base64: {exc}") from None
-        self._padded = text[cut - 1] == 0x3D  # "="
-        self._buffer.write(data)
-
-    def finish(self) -> bytes:
-        """The decoded bytes; ValueError if they are not as many as announced."""
-        decoded = self._buffer.tell()
-        if self._carry or decoded != self.length:
-            cut = " and a cut base64 group" if self._carry else ""
-            raise ValueError(f"{decoded} bytes{cut} where it announced {self.length}")
-        data = self._buffer.getvalue()
-        self._buffer = io.BytesIO()
-        return data
-
-
-class _Reply:
-    """A result being received for one id: its stdout, then its stderr."""
-
-    __slots__ = ("decoders", "index", "returncode", "rid")
-
-    def __init__(self, rid: bytes, returncode: int, out_len: int, err_len: int) -> None:
-        self.rid = rid
-        self.returncode = returncode
-        self.decoders = (_Decoder(out_len), _Decoder(err_len))
-        self.index = 0
-
-    def feed(self, text: bytes) -> None:
-        try:
-            self.decoders[self.index].feed(text)
-        except ValueError as exc:
-            raise ShellError(f"the guest sent {exc} for {self.rid!r}") from None
-
-    def result(self, command: str) -> GuestResult:
-        try:
-            stdout = self.decoders[0].finish()
-            stderr = self.decoders[1].finish()
-        except ValueError as exc:
-            raise ShellError(f"the guest sent {exc} for {self.rid!r}") from None
-        return GuestResult(command, self.returncode, stdout, stderr)
 
 
 class Shell:
@@ -277,19 +172,15 @@ class Shell:
         self.max_output = max_output
         self.kill_timeout = kill_timeout
         self._lock = trio.Lock()
-        self._token = secrets.token_hex(3)
-        self._ids = itertools.count(1)
+        self._ids = RequestIds()
         self._operations: set[trio.CancelScope] = set()
         self._close_error: BaseException | None = None
         self._closed = False
         self._broken: str | None = None
-        # The reader: the chunk being scanned and where, and control lines being framed.
-        self._data = b""
-        self._pos = 0
-        self._in_control = False
-        self._control = LineSplitter(_MAX_LINE, self._overlong)
+        #: the reader: control lines, and the base64 text between them
+        self._framer = Framer(self._overlong)
         #: the result being received, kept across the wait for a killed command's result
-        self._receiving: _Reply | None = None
+        self._receiving: Reply | None = None
         #: a run cancelled once its request was sent (its kill asked for): its result is
         #: still to come, and is read to its end before anything else is sent
         self._cancelled: bytes | None = None
@@ -304,7 +195,7 @@ class Shell:
         #: why the agent is thought gone (it answered no ping lately), else None
         self._unanswered: str | None = None
         #: pings sent and not answered yet, with the epoch they were sent in
-        self._pings: dict[bytes, int] = {}
+        self._pings = Pings()
         #: counts the pings answered that prove the agent there now (sent in this epoch)
         self._answered = 0
         #: the agent's pid from its last ``#R`` line
@@ -453,8 +344,7 @@ class Shell:
         """
         if not isinstance(command, str):
             raise TypeError(f"command must be a str, not {command!r}")
-        encoded = base64.b64encode(command.encode()) or b"-"
-        stdin_b64 = base64.b64encode(stdin) if stdin else b""
+        encoded, stdin_b64 = encode_run(command, stdin)
         with self._operation():
             with trio.move_on_after(timeout) as wait_scope:
                 await self._lock.acquire()
@@ -478,12 +368,8 @@ class Shell:
                         f"{self.name}: {command!r} did not start within {timeout} s: {stage}",
                         command=command,
                     )
-                rid = self._new_id()
-                request = b"\nR %s %d %d %s %s\n" % (
-                    rid, self.max_output, len(stdin_b64), encoded, rid,
-                )  # fmt: skip
-                if stdin_b64:
-                    request += stdin_b64 + b"\n"
+                rid = self._ids.new()
+                request = run_request(rid, self.max_output, encoded, stdin_b64)
                 sent = killed = False
                 try:
                     with self._agent_wait(f"while {command!r} ran: its outcome is unknown"):
@@ -563,7 +449,7 @@ class Shell:
     # --- the reader: control lines, and the base64 text between them ---------------------
 
     async def _receive(self) -> None:
-        """The next chunk into :attr:`_data`; at end of file, the owner's error if any.
+        """The next chunk into the reader; at end of file, the owner's error if any.
 
         The first end of file marks the shell unusable, so later calls fail at once."""
         try:
@@ -580,49 +466,27 @@ class Shell:
                 self._broken = ended
             await self._channel_ended()
             raise ShellError(f"{self.name}: {ended}")
-        self._data = bytes(chunk)
-        self._pos = 0
+        self._framer.feed(bytes(chunk))
 
-    async def _next_control(self, sink: _Reply | None = None) -> bytes:
+    async def _next_control(self, sink: Reply | None = None) -> bytes:
         """The next control line: from a ``#`` (base64 never holds one) to its newline,
         without it. The text before it is a result's base64: it goes to ``sink``, or is
         dropped (junk, or the result of another run). The only checkpoint is the receive,
         so a cancel loses nothing."""
-        lines = self._control.lines
-        while True:
-            data, pos = self._data, self._pos
-            if pos >= len(data):
-                await self._receive()
-            elif self._in_control:
-                newline = data.find(b"\n", pos)
-                end = len(data) if newline < 0 else newline + 1
-                self._pos = end
-                self._control.feed(data[pos:end])
-                if newline >= 0:
-                    self._in_control = False
-                    if lines:
-                        return self._note(lines.popleft())
-            else:
-                mark = data.find(b"#", pos)
-                end = len(data) if mark < 0 else mark
-                self._pos = end
-                self._in_control = mark >= 0
-                if sink is not None and end > pos:
-                    sink.feed(data[pos:end])
+        while (line := self._framer.next_control(sink)) is None:
+            await self._receive()
+        return self._note(line)
 
     def _overlong(self, head: bytes) -> None:
-        log.warning("%s: dropping a line longer than %d bytes: %r", self.name, _MAX_LINE, head[:80])
+        log.warning("%s: dropping a line longer than %d bytes: %r", self.name, MAX_LINE, head[:80])
 
     def _note(self, line: bytes) -> bytes:
         """What every reader notes of a control line: pongs, agent starts, and the end of a
         cancelled run's result (:attr:`_cancelled`). Returns the line."""
-        start = line.rfind(b"#")
-        if start > 0:  # the start of a line cut short (its writer died): from the last "#"
-            line = line[start:]
         fields = line.split(b" ", 2)
         verb, lid = fields[0], fields[1] if len(fields) > 1 else b""
         if verb == b"#P":
-            epoch = self._pings.pop(lid, None)
+            epoch = self._pings.answer(lid)
             if epoch is not None:
                 self._unanswered = None
                 if epoch == self._epoch:  # sent after the last port_closed()
@@ -690,22 +554,17 @@ class Shell:
         if self._closed:
             self._raise_if_closed()
 
-    def _new_id(self) -> bytes:
-        return f"{self._token}-{next(self._ids)}".encode()
-
     def _new_ping(self) -> bytes:
-        """An id for a ping, remembered until answered (the oldest beyond _MAX_PINGS is
-        forgotten)."""
-        rid = self._new_id()
-        self._pings[rid] = self._epoch
-        if len(self._pings) > _MAX_PINGS:
-            del self._pings[next(iter(self._pings))]
+        """An id for a ping, remembered with the current epoch until answered (see
+        :class:`Pings` for how many)."""
+        rid = self._ids.new()
+        self._pings.add(rid, self._epoch)
         return rid
 
     async def _ping(self, deadline: float) -> bool:
         """Ping the agent; whether it answered by ``deadline``."""
         rid = self._new_ping()
-        await self._send(b"\nP %s %s\n" % (rid, rid), deadline)
+        await self._send(ping_request(rid), deadline)
         with trio.CancelScope(deadline=deadline):
             while rid in self._pings:
                 await self._next_control()
@@ -737,7 +596,7 @@ class Shell:
         a second, and never an error that would replace the cancellation."""
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
             try:
-                await self._send(b"\nK %s %s\n" % (rid, rid), trio.current_time() + 1.0)
+                await self._send(kill_request(rid), trio.current_time() + 1.0)
             except Exception as exc:
                 log.debug("%s: kill of %r not sent: %r", self.name, rid, exc)
 
@@ -748,7 +607,7 @@ class Shell:
         ended or the agent answered, else a ShellError: the agent answered nothing."""
         deadline = trio.current_time() + self.kill_timeout
         ping = self._new_ping()
-        await self._send(b"\nK %s %s\nP %s %s\n" % (rid, rid, ping, ping), deadline)
+        await self._send(kill_request(rid, ping), deadline)
         late = f"{self.name}: {command!r} did not finish within {timeout} s"
         with trio.CancelScope(deadline=deadline):
             try:
@@ -760,7 +619,7 @@ class Shell:
                     f"{late}; it ended once the kill was sent, but its result was broken: {exc}",
                     command=command,
                 )
-            if reply.returncode == _KILLED:
+            if reply.returncode == KILLED:
                 how = "it was killed"
             else:
                 how = f"it ended with status {reply.returncode} as the kill was sent"
@@ -792,7 +651,7 @@ class Shell:
         answered = self._answered
         while True:
             rid = self._new_ping()
-            await self._send(b"\nP %s %s\n" % (rid, rid), deadline)
+            await self._send(ping_request(rid), deadline)
             with trio.move_on_after(interval):
                 while True:
                     line = await self._next_control()
@@ -808,47 +667,14 @@ class Shell:
         previous call for the same ``rid`` is continued."""
         reply = self._receiving if self._receiving and self._receiving.rid == rid else None
         self._receiving = None
+        reader = ResultReader(self.name, rid, command, self.max_output, reply)
         try:
             while True:
-                line = await self._next_control(reply)
-                fields = line[1:].split(b" ")
-                verb, lid = fields[0], fields[1] if len(fields) > 1 else b""
-                if verb == b"B":
-                    if lid != rid:  # a late result of another run: its text is dropped
-                        log.debug("%s: skipping a stale result for %r", self.name, lid)
-                        continue
-                    rc, out_len, err_len = _ints(fields[2:5], line)
-                    if out_len + err_len > self.max_output:
-                        raise ShellError(
-                            f"{self.name}: the guest announced more output than max_output "
-                            f"allows ({out_len}+{err_len} bytes)"
-                        )
-                    reply = _Reply(rid, rc, out_len, err_len)
-                elif verb == b"M" and reply is not None and lid == rid:
-                    reply.index = 1
-                elif verb == b"E" and reply is not None and lid == rid:
-                    return reply.result(command)
-                elif verb == b"X" and lid == rid:
-                    rc, out_len, err_len = _ints(fields[2:5], line)
-                    raise ShellError(
-                        f"{self.name}: {command!r} (exit status {rc}) wrote {out_len} bytes to "
-                        f"stdout and {err_len} to stderr, more than max_output={self.max_output}"
-                    )
-                elif verb == b"R" and reply is not None:
-                    raise ShellError(
-                        f"{self.name}: the guest shell agent restarted while it sent the result "
-                        f"of {command!r}"
-                    )
-                elif verb not in (b"R", b"P", b"M", b"E", b"X"):
-                    log.debug("%s: ignoring %r", self.name, line[:80])
+                line = await self._next_control(reader.reply)
+                if (done := reader.take(line)) is not None:
+                    break
         except trio.Cancelled:
-            self._receiving = reply  # the rest may still be read (after a timeout's kill)
+            self._receiving = reader.reply  # the rest may still be read (after a timeout's kill)
             raise
-
-
-def _ints(fields: list[bytes], line: bytes) -> tuple[int, int, int]:
-    try:
-        a, b, c = (int(f) for f in fields)
-    except ValueError:
-        raise ShellError(f"the guest sent a malformed result header {line[:80]!r}") from None
-    return a, b, c
+        stdout, stderr = done.finish()
+        return GuestResult(command, done.returncode, stdout, stderr)
