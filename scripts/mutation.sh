@@ -13,7 +13,8 @@
 # tree itself: $MUTATION_DIR, by default ${TMPDIR:-/tmp}/trio_qemu-mutation/MODULE, emptied at
 # the start and kept at the end, so that `mutmut show NAME` / `mutmut browse` run there.
 # MUTATION_JOBS sets the number of parallel mutants (default: the number of CPUs).
-# Needs `pip install -e '.[qa]'`. Exits non-zero if mutmut fails or a mutant survives.
+# Needs `pip install -e '.[qa]'`. Exits non-zero if mutmut fails or a mutant survives
+# (or has no test that reaches it).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +24,7 @@ if [ ! -x "$venv/bin/mutmut" ]; then
     exit 2
 fi
 if [ $# -lt 1 ]; then
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 
@@ -62,8 +63,14 @@ work=${MUTATION_DIR:-${TMPDIR:-/tmp}/trio_qemu-mutation/$name}
 case $work in
     "$root" | "$root"/*) echo "MUTATION_DIR must be outside the tree: $work" >&2; exit 2 ;;
 esac
+# Only ever empty a directory this script made (it leaves a marker file in it).
+if [ -d "$work" ] && [ -n "$(ls -A "$work")" ] && [ ! -e "$work/.trio_qemu-mutation" ]; then
+    echo "$work is not empty and was not made by this script: choose another MUTATION_DIR" >&2
+    exit 2
+fi
 rm -rf "$work"
 mkdir -p "$work"
+touch "$work/.trio_qemu-mutation"
 cp -a "$root/trio_qemu" "$root/tests" "$root/pyproject.toml" "$work/"
 find "$work" -name __pycache__ -prune -exec rm -rf {} +
 
@@ -106,6 +113,7 @@ if [ "$status" -ne 0 ]; then
     echo "mutmut failed (exit $status)" >&2
     exit "$status"
 fi
-# Anything but killed (survived, no tests, timeout, suspicious...) is for triage.
-survivors=$("$venv/bin/mutmut" results | grep -c ': ' || true)
+# Timeouts were caught (the tests hung or looped); anything else listed (survived, no tests,
+# suspicious...) is for triage.
+survivors=$("$venv/bin/mutmut" results | grep -v ': timeout$' | grep -c ': ' || true)
 [ "$survivors" -eq 0 ]

@@ -103,8 +103,9 @@ class _Waiter:
 
 
 class EventHub:
-    """Copies each published event to matching subscriptions, and hands it to the first
-    matching waiter or else keeps it in the unclaimed cache."""
+    """Copies each published event to matching subscriptions, and hands it to every pending
+    waiter it matches (concurrent waits for the same event all get it) or, if none, keeps it
+    in the unclaimed cache."""
 
     def __init__(self, *, cache_size: int = 1000, default_buffer: int = 2048) -> None:
         if cache_size < 0 or default_buffer < 1:
