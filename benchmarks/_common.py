@@ -372,21 +372,14 @@ def git_state() -> dict[str, Any]:
     ``dirty_paths`` lists what ``git status --porcelain`` shows (tracked changes and
     untracked files); ``library_dirty`` says whether any of them is under ``trio_qemu/``.
     """
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=all"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout
+
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=all")
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None, "library_dirty": None, "dirty_paths": []}
     paths = [line[3:] for line in status.splitlines() if line.strip()]

@@ -127,14 +127,7 @@ def child(variant: str, size: int) -> dict[str, Any]:
                 while not tail.endswith(b"#E f 0\n"):
                     chunk = await stream.receive_some(65536)
                     tail = (tail + chunk)[-16:]
-            seconds = time.perf_counter() - start
-            peak = _peak(reset)
-            return {
-                "growth": max(0, peak - before),
-                "before": before,
-                "reset": reset,
-                "seconds": seconds,
-            }
+            return _figures(before, reset, start)
 
         return trio.run(measure)
     finally:
@@ -145,6 +138,13 @@ def child(variant: str, size: int) -> dict[str, Any]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, 9)
             proc.wait()
+
+
+def _figures(before: int, reset: bool, start: float) -> dict[str, Any]:
+    """One measurement's result: peak RSS growth since ``before``, and the time taken."""
+    seconds = time.perf_counter() - start
+    peak = _peak(reset)
+    return {"growth": max(0, peak - before), "before": before, "reset": reset, "seconds": seconds}
 
 
 def _child_guest(size: int) -> dict[str, Any]:
@@ -164,15 +164,9 @@ def _child_guest(size: int) -> dict[str, Any]:
             before = _status("VmRSS")
             start = time.perf_counter()
             result = await vm.shell.run("cat /run/bench", timeout=1200)
-            seconds = time.perf_counter() - start
-            peak = _peak(reset)
+            figures = _figures(before, reset, start)
             assert len(result.stdout) == size
-            return {
-                "growth": max(0, peak - before),
-                "before": before,
-                "reset": reset,
-                "seconds": seconds,
-            }
+            return figures
 
     return trio.run(measure)
 

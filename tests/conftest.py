@@ -5,15 +5,18 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from reliability import make_base
 
 from trio_qemu._transport import socketpair_stream
 from trio_qemu._util import only_cancelled
@@ -96,3 +99,18 @@ async def bare_qemu(nursery: trio.Nursery) -> AsyncIterator[BareQemu]:
 
 
 pytest_plugins = ["pytester"]
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    """A base_temp_dir of the test's own, so a census sees only this test's machine dirs."""
+    return make_base(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The test module's own cache (templates made once per module), removed afterwards:
+    its RAM files are large."""
+    path = tmp_path_factory.mktemp("cache")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -50,6 +50,18 @@ from trio_qemu.snapshot._clone import _sync_guest
 SEED = 20240607
 
 
+def settle(run: Run, cut: Cut, landed: str, tally: Tally, census: Census, where: str) -> None:
+    """Count how a trial ended and check it: the machine exists exactly once the launch is
+    over ("launch" is the last mark before the opener yields, the next follows it without a
+    checkpoint), a machine that existed ended gracefully, and nothing is left behind."""
+    how = ending(run.vm)
+    tally.add(cut, landed, how)
+    assert (run.vm is None) == (landed == "launch"), f"{where}: {how}"
+    if run.vm is not None:
+        assert how == "graceful", f"{where}: QEMU ended {how}\n{run.vm.log[-2000:]}"
+    census.check(where)
+
+
 # -- -machine none and the console -------------------------------------------------------------
 @dataclass
 class Run:
@@ -132,15 +144,8 @@ async def _fuzz(
         phase = run.marks[-1] if scope.cancelled_caught else "completed"
         if not scope.cancelled_caught:
             assert run.marks[-1] == "completed", run.marks
-        how = ending(run.vm)
-        tally.add(cut, phase, how)
         where = f"trial {trial} ({cut.describe()}, landed in {phase})"
-        # The machine exists exactly once the launch is over ("launch" is the last mark
-        # before open_machine yields, the next one follows it without a checkpoint).
-        assert (run.vm is None) == (phase == "launch"), f"{where}: {how}"
-        if run.vm is not None:
-            assert how == "graceful", f"{where}: QEMU ended {how}\n{run.vm.log[-2000:]}"
-        census.check(where)
+        settle(run, cut, phase, tally, census, where)
     return tally, calibration
 
 
@@ -256,13 +261,8 @@ async def test_cancel_fuzz_clone_restore(tmp_path: Path, tiny_guest: GuestImage)
             with trio.fail_after(120), trio.CancelScope() as scope:
                 await _clone_lifecycle(template, base, run, aim=_Aim(phase, offset, scope))
             landed = run.marks[-1] if scope.cancelled_caught else "completed"
-            how = ending(run.vm)
-            tally.add(cut, landed, how)
             where = f"trial {trial} ({cut.describe()} into {phase}, landed in {landed})"
-            assert (run.vm is None) == (landed == "launch"), f"{where}: {how}"
-            if run.vm is not None:
-                assert how == "graceful", f"{where}: QEMU ended {how}\n{run.vm.log[-2000:]}"
-            census.check(where)
+            settle(run, cut, landed, tally, census, where)
             trial += 1
     # And the one-call form, switch.open_clones: no machine to ask how it ended, but the
     # census must hold after cuts anywhere in it.

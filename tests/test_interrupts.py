@@ -245,6 +245,9 @@ def test_ctrl_c_inside_each_clean_up_step(
 # A Ctrl-C can land in the test's own (unprotected) frame between creating an `async with`
 # block's __aexit__ coroutine and awaiting it; Python then warns that it was never awaited.
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+# The injected SIGINT can also land in a garbage-collector callback (a WeakSet's), where
+# Python can only print "Exception ignored"; pytest turns that into this warning.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_ctrl_c_at_random_moments(tmp_path: Path) -> None:
     trials = 5000 if SOAK else 500
     rng = random.Random(20261129)

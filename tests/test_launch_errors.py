@@ -16,14 +16,6 @@ import trio_qemu
 from trio_qemu import LaunchError
 
 
-@pytest.fixture
-def base(tmp_path: Path) -> Path:
-    """A base_temp_dir of its own, to check that no machine directory is left in it."""
-    path = tmp_path / "base"
-    path.mkdir()
-    return path
-
-
 async def _launch_error(**fields: object) -> LaunchError:
     """Launch with ``fields``; return the LaunchError, checking it is exactly that."""
     with trio.fail_after(30), pytest.raises(LaunchError) as info:

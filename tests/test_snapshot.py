@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,21 +44,6 @@ async def prepare(vm: Machine) -> None:
     await vm.shell.run(f"printf '{PREPARED.decode()}' > /root/prepared", check=True)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The module's template cache (the tiny guest's template is made once in it); removed
-    afterwards (its RAM files are large)."""
-    path = tmp_path_factory.mktemp("snapshot-cache")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def base(tmp_path: Path) -> Path:
-    """A dedicated base_temp_dir, so the census sees only this test's machine dirs."""
-    path = tmp_path / "base"
-    path.mkdir()
-    return path
 
 
 async def guest_template(image: GuestImage, cache_dir: Path) -> Template:

@@ -12,9 +12,7 @@ left.
 from __future__ import annotations
 
 import os
-import shutil
 import time
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -34,20 +32,6 @@ CLONES = 8 if os.environ.get("TRIO_QEMU_SOAK") == "1" else 4
 SCENARIO_TIMEOUT = 240.0
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The module's template cache (removed afterwards: its RAM files are large)."""
-    path = tmp_path_factory.mktemp("snapnet-cache")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def base(tmp_path: Path) -> Path:
-    """A dedicated base_temp_dir: the census sees only this test's machine dirs."""
-    path = tmp_path / "base"
-    path.mkdir()
-    return path
 
 
 async def net_template(image: GuestImage, cache_dir: Path) -> Template:

@@ -363,10 +363,7 @@ class Machine(MonitorCommands):
     def _make_temp_dir(self) -> None:
         """Create the private temp dir (its owner recorded) and remove dead controllers'."""
         base = self.config.base_temp_dir
-        try:
-            remove_stale_dirs(base)
-        except OSError as exc:  # never a reason not to launch
-            log.debug("removing stale temp dirs: %r", exc)
+        remove_stale_dirs(base)  # never raises: a base it cannot read has nothing to clean
         try:
             self._temp_dir = create_machine_dir(self._file_name, base)
         except OSError as exc:

@@ -190,16 +190,7 @@ class _Network(ClosesOnExit):
                 args[plug] = re.sub(r"(?<=local\.str=)[^,]+", str(fd), args[plug])
                 new = config.replace(args=args, inherit_fds=[*config.inherit_fds, fd])
             else:
-                new = config.replace(
-                    args=[
-                        *config.args,
-                        "-netdev",
-                        f"dgram,id={netdev_id},local.type=fd,local.str={fd}",
-                        "-device",
-                        f"{nic},netdev={netdev_id},id={device_id},mac={mac}",
-                    ],
-                    inherit_fds=[*config.inherit_fds, fd],
-                )
+                new = self._with_nic(config, nic, mac, fd)
                 if ip is not None:
                     new = with_ip(new, ip, iface=chosen_iface, gateway=gateway, hostname=hostname)
         except BaseException:
@@ -231,6 +222,20 @@ class _Network(ClosesOnExit):
                 f"network named {self.name!r}, then attach its clones' configs"
             )
 
+    def _with_nic(self, config: MachineConfig, nic: str, mac: str, fd: int) -> MachineConfig:
+        """``config`` plus this network's NIC (netdev ``NAME``, device ``NAME-nic``) on the
+        datagram socket ``fd``, which QEMU inherits."""
+        return config.replace(
+            args=[
+                *config.args,
+                "-netdev",
+                f"dgram,id={self.name},local.type=fd,local.str={fd}",
+                "-device",
+                f"{nic},netdev={self.name},id={self.name}-nic,mac={mac}",
+            ],
+            inherit_fds=[*config.inherit_fds, fd],
+        )
+
     def attach_template(self, config: MachineConfig, *, nic: str = DEFAULT_NIC) -> MachineConfig:
         """A copy of ``config`` with this network's NIC, to make a template
         (:func:`~trio_qemu.snapshot.ensure_template`) whose clones join a network of this
@@ -259,16 +264,7 @@ class _Network(ClosesOnExit):
         ours.close()
         self._template_ends.append(theirs)
         fd = theirs.fileno()
-        return config.replace(
-            args=[
-                *config.args,
-                "-netdev",
-                f"dgram,id={self.name},local.type=fd,local.str={fd}",
-                "-device",
-                f"{nic},netdev={self.name},id={self.name}-nic,mac={mac}",
-            ],
-            inherit_fds=[*config.inherit_fds, fd],
-        )
+        return self._with_nic(config, nic, mac, fd)
 
     def _unique_mac(self, name: str) -> str:
         for salt in itertools.count():
