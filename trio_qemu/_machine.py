@@ -54,6 +54,8 @@ from ._errors import (
     QMPProtocolError,
     QMPTimeout,
 )
+from ._invariants import Invariants
+from ._keys import KeyboardInput
 from ._monitor import MonitorCommands
 from ._process import QemuProcess
 from ._qmp import QMPClient
@@ -62,6 +64,8 @@ from ._tempdirs import create_machine_dir, remove_machine_dir, remove_stale_dirs
 from ._transport import ExitAwareStream, Listener
 from ._util import EOF_GRACE, ShieldOnStart
 from .agent import GuestAgent
+from .block._commands import BlockCommands
+from .relay._commands import GuestPorts
 
 __all__ = ["Machine", "MachineState"]
 
@@ -90,7 +94,7 @@ class MachineState(enum.Enum):
     STOPPED = "stopped"
 
 
-class Machine(MonitorCommands):
+class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPorts):
     """One QEMU virtual machine. Get one from :func:`~trio_qemu.open_machine` or
     :func:`~trio_qemu.start_machine`.
 

@@ -44,6 +44,7 @@ from ._errors import (
     ShellTimeout,
     copy_error,
 )
+from ._shell_files import ShellFiles
 from ._shell_protocol import (
     KILLED,
     MAX_LINE,
@@ -57,6 +58,7 @@ from ._shell_protocol import (
     ping_request,
     run_request,
 )
+from ._shell_waits import ShellWaits
 from ._util import registered_scope
 
 __all__ = ["SHELL_AGENT_PATH", "SHELL_AGENT_SCRIPT", "GuestResult", "Shell"]
@@ -120,7 +122,7 @@ class _EventSource(Protocol):
     def close(self) -> None: ...
 
 
-class Shell:
+class Shell(ShellWaits, ShellFiles):
     """Run commands in the guest over the guest-shell channel; one command at a time.
 
     ``stream`` is our end of the channel (``vm.channel("shell")``); the caller keeps owning

@@ -1,0 +1,1 @@
+"""TCP into the guest with no host port, through a relay on a virtio-serial channel."""
