@@ -14,6 +14,12 @@ variants in the same round.
 
 - trio_qemu: ``open_qmp`` over the socketpair, ``await client.cmd("query-status")``
   one after another; and (a separate variant) N at once, one task each, in a nursery.
+- trio_qemu Machine: what users write, ``async with open_machine(config) as vm`` and
+  ``await vm.cmd("query-status")`` one after another. The machine launches its own
+  ``-machine none`` QEMU (same arguments) each run; its monitor socket is not shared.
+  QEMU's main loop polls every monitor, so a QEMU with one monitor answers faster than the
+  shared one: the Machine's baseline is "raw, own QEMU", the raw client on a fresh
+  ``-machine none`` QEMU with one monitor, started the same way each run.
 - qemu.qmp's asyncio ``QMPClient`` (``connect(sock)``, ``execute``) and its sync
   ``legacy.QEMUMonitorProtocol`` (what ``QEMUMachine`` uses; ``cmd``). Their
   ``_cb_outbound``/``_cb_inbound`` hooks pretty-print every message as JSON for a debug log
@@ -60,9 +66,11 @@ from _common import (
     print_table,
     quiet_logging,
     running_qemu,
+    start_qemu,
     write_results,
 )
 
+import trio_qemu
 from trio_qemu import open_qmp
 
 NAME = "qmp_throughput"
@@ -104,6 +112,19 @@ async def bench_trio(sock: socket.socket, n: int, warmup: int, concurrent: bool)
         else:
             for _ in range(n):
                 await client.cmd(COMMAND)
+        return _rate(n, start)
+
+
+async def bench_machine(sock: socket.socket, n: int, warmup: int) -> float:
+    sock.close()  # the machine runs a QEMU and a monitor of its own
+    config = trio_qemu.MachineConfig(args=BASE_ARGS, accel=None)  # BASE_ARGS has -accel
+    async with trio_qemu.open_machine(config) as vm:
+        _check_status(await vm.cmd(COMMAND), "trio_qemu Machine")
+        for _ in range(warmup):
+            await vm.cmd(COMMAND)
+        start = time.perf_counter()
+        for _ in range(n):
+            await vm.cmd(COMMAND)
         return _rate(n, start)
 
 
@@ -173,6 +194,16 @@ def _raw_handshake(sock: socket.socket, reader: BinaryIO) -> None:
     )
     if json.loads(reader.readline()) != {"return": {}}:
         raise RuntimeError("raw: qmp_capabilities failed")
+
+
+def bench_raw_own(sock: socket.socket, n: int, warmup: int) -> float:
+    """``bench_raw`` on a QEMU of its own with one monitor (the Machine's baseline)."""
+    sock.close()
+    qemu = start_qemu(monitors=1)
+    try:
+        return bench_raw(qemu.take_monitor(), n, warmup)
+    finally:
+        qemu.kill()
 
 
 def _requests(n: int) -> list[bytes]:
@@ -268,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         "raw_pipelined": Result("raw socket, all N in flight (the limit)", raw_req),
         "trio": Result("trio_qemu, sequential", trio_req),
         "trio_concurrent": Result("trio_qemu, N concurrent tasks", trio_req),
+        "raw_own": Result("raw blocking socket, own QEMU (one monitor)", raw_req),
+        "machine": Result("trio_qemu Machine: vm.cmd, own QEMU", trio_req),
         "asyncio": Result("qemu.qmp asyncio QMPClient", qmp_req),
         "asyncio_stock": Result("qemu.qmp asyncio QMPClient (stock hooks)", qmp_req),
         "legacy": Result("qemu.qmp legacy QEMUMonitorProtocol", qmp_req),
@@ -278,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         "raw_pipelined": lambda s: bench_raw_pipelined(s, n, warmup),
         "trio": lambda s: trio.run(bench_trio, s, n, warmup, False),
         "trio_concurrent": lambda s: trio.run(bench_trio, s, n, warmup, True),
+        "raw_own": lambda s: bench_raw_own(s, n, warmup),
+        "machine": lambda s: trio.run(bench_machine, s, n, warmup),
         "asyncio": lambda s: asyncio.run(bench_asyncio(s, n, warmup, True)),
         "asyncio_stock": lambda s: asyncio.run(bench_asyncio(s, n, warmup, False)),
         "legacy": lambda s: bench_legacy(s, n, warmup, True),
@@ -306,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         res[key].runs = values
 
     order = [
-        "raw", "raw_pipelined", "trio", "trio_concurrent", "asyncio", "legacy",
-        "asyncio_stock", "legacy_stock",
+        "raw", "raw_pipelined", "trio", "trio_concurrent", "raw_own", "machine", "asyncio",
+        "legacy", "asyncio_stock", "legacy_stock",
     ]  # fmt: skip
     print("\nops/s (median of runs):")
     print_table([(res[k].label, res[k].median, res[k].runs) for k in order])
@@ -321,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ratios = {
         "trio/raw": paired("trio", "raw"),
+        "machine/raw own": paired("machine", "raw_own"),
         "trio/legacy": paired("trio", "legacy"),
         "trio/asyncio": paired("trio", "asyncio"),
         "concurrent/raw pipelined": paired("trio_concurrent", "raw_pipelined"),

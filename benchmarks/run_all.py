@@ -75,6 +75,11 @@ BENCHES = (
     Bench("qmp_throughput", ("--n", "1000", "--repeat", "5", "--warmup", "100"),
           ("--n", "300", "--repeat", "2", "--warmup", "50"),
           "5 rounds (+1 warm-up) of 1,000 calls per variant"),
+    Bench("qmp_floor", ("--n", "1000", "--repeat", "5"), ("--n", "300", "--repeat", "2"),
+          "5 rounds (+1 warm-up) of 1,000 calls per variant, a QEMU per run"),
+    Bench("qtest_throughput", ("--n", "5000", "--repeat", "5", "--warmup", "500"),
+          ("--n", "500", "--repeat", "2", "--warmup", "100"),
+          "5 rounds (+1 warm-up) of 5,000 requests per variant, a QEMU per run"),
     Bench("lifecycle", ("--n", "20", "--warmup", "2"), ("--n", "5", "--warmup", "1"),
           "20 rounds (+2 warm-up) of one cycle per variant"),
     Bench("events", ("--n", "100000", "--repeat", "3", "--mem-n", "20000", "--mem-repeat", "2",
@@ -92,6 +97,10 @@ BENCHES = (
     Bench("shell_memory", (), ("--sizes", "10"), "its defaults"),
     Bench("clone", ("--n", "3", "--rounds", "1", "--makes", "1"), ("--quick",),
           "3 rounds of single boots/clones, 1 round of machines at once, 1 template made"),
+    Bench("block_job", ("--rounds", "5", "--vms-rounds", "3"), ("--quick",),
+          "5 rounds (+1 warm-up) of a 256 MiB mirror per variant; 8 VMs at once: 3 rounds (+1)"),
+    Bench("guest_io", ("--mib", "16", "--rounds", "2"), ("--quick",),
+          "2 rounds (+1 warm-up at 2 MiB) of 16 MiB per variant; latency: 20 echoes per round"),
 )  # fmt: skip
 
 
@@ -106,7 +115,8 @@ class Figure:
     baseline: str | None = None
     baseline_value: float | None = None
     better: str = "higher"  # or "lower"
-    #: a target on the value (``value_min``/``value_max``) or on the ratio (``ratio_max``)
+    #: a target on the value (``value_min``/``value_max``) or on the ratio
+    #: (``ratio_max``/``ratio_min``)
     target_kind: str | None = None
     target: float | None = None
     #: the benchmark's own ratio for this pair: the median over rounds of the ratio within a
@@ -146,6 +156,8 @@ class Figure:
             return self.target / self.value if self.value else None
         if self.target_kind == "ratio_max":
             return self.target / self.ratio if self.ratio else None
+        if self.target_kind == "ratio_min":
+            return self.ratio / self.target if self.ratio is not None else None
         return None
 
     @property
@@ -156,6 +168,8 @@ class Figure:
             return f">= {_num(self.target)} {self.unit}"
         if self.target_kind == "value_max":
             return f"<= {_num(self.target)} {self.unit}"
+        if self.target_kind == "ratio_min":
+            return f"ratio >= {self.target:g}"
         return f"ratio <= {self.target:g}"
 
     def as_json(self) -> dict[str, Any]:
@@ -258,6 +272,46 @@ def _qmp(d: dict[str, Any]) -> list[Figure]:
         Figure(b, "QMP query-status, N concurrent", m("trio_concurrent"), "ops/s",
                "raw socket, N in flight (the limit)", m("raw_pipelined"),
                paired=r("concurrent/raw pipelined")),
+        Figure(b, "QMP query-status, N concurrent", m("trio_concurrent"), "ops/s",
+               "raw blocking socket, sequential", m("raw"),
+               paired=r("concurrent/raw sequential"), target_kind="ratio_min", target=1.3),
+    ]  # fmt: skip
+
+
+def _qmp_floor(d: dict[str, Any]) -> list[Figure]:
+    def m(k: str) -> float | None:
+        return _get(d, "results", k, "median")
+
+    def r(k: str) -> float | None:
+        return _get(d, "ratios", k)
+
+    b = "qmp_floor"
+    return [
+        Figure(b, "QMP vm.cmd through open_machine, sequential", m("machine"), "ops/s",
+               "raw blocking socket, own QEMU (the limit)", m("raw"), paired=r("machine/raw"),
+               target_kind="ratio_min", target=0.85),
+        Figure(b, "QMP QMPClient, sequential", m("client"), "ops/s",
+               "Trio floor: reader task + Event hand-off", m("reader_task"),
+               paired=r("client/reader task")),
+        Figure(b, "Trio floor: one task, sequential", m("one_task"), "ops/s",
+               "raw blocking socket, own QEMU (the limit)", m("raw"), paired=r("one task/raw")),
+    ]  # fmt: skip
+
+
+def _qtest(d: dict[str, Any]) -> list[Figure]:
+    def m(k: str) -> float | None:
+        return _get(d, "results", k, "median")
+
+    b = "qtest_throughput"
+    request = (d.get("params") or {}).get("request") or "readb"
+    callers = int(_get(d, "params", "callers") or 8)
+    return [
+        Figure(b, f"qtest {request}, sequential", m("trio"), "ops/s",
+               "raw blocking socket (the limit)", m("raw"), paired=_get(d, "ratios", "trio/raw"),
+               target_kind="ratio_min", target=0.9),
+        Figure(b, f"qtest {request}, {callers} concurrent callers", m("trio_concurrent"),
+               "ops/s", "raw socket, N in flight (the limit)", m("raw_pipelined"),
+               paired=_get(d, "ratios", "concurrent/raw pipelined")),
     ]  # fmt: skip
 
 
@@ -456,8 +510,75 @@ def _clone(d: dict[str, Any]) -> list[Figure]:
     ]  # fmt: skip
 
 
+def _block_job(d: dict[str, Any]) -> list[Figure]:
+    def m(k: str) -> float | None:
+        value = _get(d, "results", k, "median_s")
+        return None if value is None else value * 1000
+
+    b = "block_job"
+    mib = int(_get(d, "params", "mib") or 256)
+    vms = int(_get(d, "params", "vms") or 8)
+    return [
+        Figure(b, f"mirror of {mib} MiB, run_job", m("single_trio"), "ms",
+               "legacy client polling query-block-jobs", m("single_legacy"), "lower",
+               paired=_get(d, "ratios", "run_job / legacy polling, 1 VM")),
+        Figure(b, f"{vms} VMs each mirroring {mib} MiB at once", m("many_trio"), "ms",
+               "legacy client polling, a thread per VM", m("many_legacy"), "lower",
+               paired=_get(d, "ratios", f"run_job / legacy polling, {vms} VMs at once")),
+    ]  # fmt: skip
+
+
+def _guest_io(d: dict[str, Any]) -> list[Figure]:
+    def mb(section: str, k: str) -> float | None:
+        return _get(d, section, "results", k, "median_mb_s")
+
+    def p(section: str, k: str) -> float | None:
+        return _get(d, section, "ratios", k)
+
+    b = "guest_io"
+    mib = int(_get(d, "params", "mib") or 64)
+    copy_min = _get(d, "targets", "copy MB/s") or 30.0
+    tcp_min = _get(d, "targets", "TCP stream MB/s") or 20.0
+    to, back, c = "copy to the guest", "copy from the guest", "TCP connect + 1-byte echo"
+    return [
+        Figure(b, f"copy_to {mib} MiB (SHA-256 checked)", mb(to, "copy_to"), "MB/s",
+               "shell.run stdin", mb(to, "shell.run stdin"), "higher", "value_min", copy_min,
+               paired=p(to, "copy_to / shell.run stdin (speed)")),
+        Figure(b, f"copy_to {mib} MiB (verify=False)", mb(to, "copy_to verify=False"), "MB/s",
+               "agent write_file", mb(to, "agent.write_file"), "higher", "value_min", copy_min,
+               paired=p(to, "copy_to verify=False / agent.write_file (speed)")),
+        Figure(b, f"copy_from {mib} MiB (SHA-256 checked)", mb(back, "copy_from"), "MB/s",
+               "shell.run stdout", mb(back, "shell.run stdout"), "higher", "value_min",
+               copy_min, paired=p(back, "copy_from / shell.run stdout (speed)")),
+        Figure(b, f"copy_from {mib} MiB (verify=False)", mb(back, "copy_from verify=False"),
+               "MB/s", "agent read_file", mb(back, "agent.read_file"), "higher", "value_min",
+               copy_min, paired=p(back, "copy_from verify=False / agent.read_file (speed)")),
+        Figure(b, "TCP to the guest, open_tcp_stream", mb("TCP to the guest", "relay"), "MB/s",
+               "-netdev user,hostfwd", mb("TCP to the guest", "hostfwd"), "higher",
+               "value_min", tcp_min, paired=p("TCP to the guest", "relay / hostfwd (speed)")),
+        Figure(b, "TCP from the guest, open_tcp_stream", mb("TCP from the guest", "relay"),
+               "MB/s", "-netdev user,hostfwd", mb("TCP from the guest", "hostfwd"), "higher",
+               "value_min", tcp_min, paired=p("TCP from the guest", "relay / hostfwd (speed)")),
+        Figure(b, "TCP connect + 1-byte echo, open_tcp_stream",
+               _get(d, c, "results", "relay", "median_ms"), "ms", "-netdev user,hostfwd",
+               _get(d, c, "results", "hostfwd", "median_ms"), "lower",
+               paired=p(c, "relay / hostfwd (time)")),
+        Figure(b, "16 streams to the guest at once, total",
+               mb("16 streams to the guest", "16 streams to"), "MB/s", "one stream",
+               mb("16 streams to the guest", "1 stream to"),
+               paired=p("16 streams to the guest", "16 streams to / 1 stream to (speed)")),
+        Figure(b, "16 streams from the guest at once, total",
+               mb("16 streams from the guest", "16 streams from"), "MB/s", "one stream",
+               mb("16 streams from the guest", "1 stream from"),
+               paired=p("16 streams from the guest",
+                        "16 streams from / 1 stream from (speed)")),
+    ]  # fmt: skip
+
+
 COLLECTORS: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "qmp_throughput": _qmp,
+    "qmp_floor": _qmp_floor,
+    "qtest_throughput": _qtest,
     "lifecycle": _lifecycle,
     "events": _events,
     "console": _console,
@@ -465,6 +586,8 @@ COLLECTORS: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "concurrency": _concurrency,
     "shell_memory": _shell_memory,
     "clone": _clone,
+    "block_job": _block_job,
+    "guest_io": _guest_io,
 }
 
 
@@ -604,8 +727,8 @@ def write_chart(figures: list[Figure], machine: dict[str, Any]) -> Path | None:
         right.set_xlabel("measured / target (>= 1: met)")
         right.set_title("targets")
         for bar, f in zip(tbars, targeted[::-1], strict=True):
-            shown = (f"ratio {f.ratio:.3f}" if f.target_kind == "ratio_max" and f.ratio
-                     else _num(f.value, f.unit))  # fmt: skip
+            by_ratio = f.target_kind in ("ratio_max", "ratio_min") and f.ratio
+            shown = f"ratio {f.ratio:.3f}" if by_ratio else _num(f.value, f.unit)
             right.text(bar.get_width() * 1.05, bar.get_y() + bar.get_height() / 2, shown,
                        va="center", fontsize=8)  # fmt: skip
     else:

@@ -89,6 +89,8 @@ PUBLIC_MODULES = [
     "trio_qemu.agent",
     "trio_qemu.qtest",
     "trio_qemu.snapshot",
+    "trio_qemu.block",
+    "trio_qemu.block.images",
     "trio_qemu.pytest_plugin",
 ]
 

@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86 qemu-utils)
+command -v qemu-img >/dev/null || need_apt+=(qemu-utils)  # qemu-img, qemu-io (trio_qemu.block)
 [ -x /bin/busybox ] || command -v busybox >/dev/null || need_apt+=(busybox-static)
+# The guest's relay (trio_qemu.relay) is compiled, statically, when the tiny guest is built.
+command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 export DEBIAN_FRONTEND=noninteractive
 apt_updated=0
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -75,8 +75,8 @@ def test_defaults() -> None:
 
 
 def test_placeholder_fds_documented_numbers() -> None:
-    assert ChannelFds(monitor=3, console=4, shell=5, agent=6) == PLACEHOLDER_FDS
-    config = MachineConfig(console=True, shell=True, agent=True)
+    assert ChannelFds(monitor=3, console=4, shell=5, agent=6, relay=7) == PLACEHOLDER_FDS
+    config = MachineConfig(console=True, shell=True, agent=True, relay=True)
     assert config.argv(accel=None) == config.argv(PLACEHOLDER_FDS, accel=None)
 
 

@@ -221,6 +221,8 @@ def test_initramfs_contents(fresh_build: FreshBuild) -> None:
     inittab = entries["etc/inittab"].data.decode()
     assert f"::once:{SHELL_AGENT_PATH} /dev/virtio-ports/org.trio-qemu.shell\n" in inittab
     assert "::respawn:/bin/cttyhack /bin/sh -l\n" in inittab
+    assert "::respawn:/bin/trio-relay org.trio-qemu.relay\n" in inittab
+    assert fresh_build.image.relay and entries["bin/trio-relay"].data[:4] == b"\x7fELF"
     depmod = entries[f"lib/modules/{release}/modules.dep"].data.decode()
     for module in ("virtio_console", "virtio_pci", "virtio_net", "e1000", "9pnet_virtio"):
         assert re.search(rf"/{module}\.ko:", depmod), module

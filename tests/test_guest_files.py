@@ -39,6 +39,7 @@ def test_the_files_are_the_expected_ones() -> None:
         "profile",
         "qga-wrapper.sh",
         "shutdown.sh",
+        "trio-relay.c",
         "trio-shell-agent.sh",
         "udhcpc.sh",
     ]

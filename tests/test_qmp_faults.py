@@ -527,6 +527,35 @@ async def test_concurrent_callers_behind_a_stalled_send_time_out(harness: Harnes
         assert isinstance(results["small"], QMPTimeout)
 
 
+async def test_a_call_that_times_out_waiting_to_send_is_never_sent(harness: Harness) -> None:
+    """A call whose deadline passes while it waits behind a slow send gives up unsent: its
+    bytes never follow later (their reply would look foreign and close the connection)."""
+    with trio.fail_after(BOUND):
+        client, peer = await harness.connect(timeout=30.0)
+        results: dict[str, object] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                _capture, results, "big", partial(client.cmd, "big", blob="x" * (4 << 20))
+            )
+            await trio.testing.wait_all_tasks_blocked()  # the big send is stalled
+            with pytest.raises(QMPTimeout):
+                await client.cmd("small", timeout=0.2)
+            big = await peer.read_request()  # the peer reads again: the big send ends
+            assert big["execute"] == "big"
+            await peer.reply(big, "done")
+        assert results["big"] == "done"
+
+        async def server() -> None:
+            request = await peer.read_request()
+            assert request["execute"] == "query-status"  # not "small"
+            await peer.reply(request, "next")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            assert await client.cmd("query-status") == "next"
+        assert not client.closed
+
+
 # -- 19, 21: open_qmp ----------------------------------------------------------------------
 async def test_open_qmp_raises_the_protocol_error_itself() -> None:
     stream, peer = fake_pair()

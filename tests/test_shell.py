@@ -30,6 +30,7 @@ from trio_qemu._shell_protocol import (
     Pings,
     Reply,
     RequestIds,
+    decode_command,
     encode_run,
     kill_request,
     ping_request,
@@ -89,7 +90,7 @@ async def echo_handler(fields: Request, stream: trio.abc.Stream) -> None:
     if fields[0] == b"P":
         await stream.send_all(b"#P %s\n" % fields[1])
     elif fields[0] == b"R":
-        command = b"" if fields[4] == b"-" else base64.b64decode(fields[4])
+        command = b"" if fields[4] == b"-" else decode_command(fields[4])
         stdin = fields[6] if len(fields) > 6 else b""
         await stream.send_all(result(fields[1], 0, command, stdin))
 
@@ -203,7 +204,7 @@ async def test_max_output(fake: MakeShell) -> None:
         if fields[0] == b"R":
             assert fields[2] == b"100"  # the limit travels with the request
             rid = fields[1]
-            if base64.b64decode(fields[4]) == b"guest-checked":
+            if decode_command(fields[4]) == b"guest-checked":
                 await stream.send_all(b"#X %s 0 500 20\n" % rid)
             else:  # a guest that ignores the limit: the header alone is refused
                 await stream.send_all(result(rid, 0, b"y" * 500))
@@ -227,7 +228,7 @@ async def test_timeout_kills_and_keeps_partial_output(
             killed.append(fields[1])
             status = 137 if len(killed) == 1 else 0  # the second one ended as it was killed
             await stream.send_all(result(fields[1], status, b"partial"))
-        elif fields[0] == b"R" and base64.b64decode(fields[4]) != b"sleep":
+        elif fields[0] == b"R" and decode_command(fields[4]) != b"sleep":
             await stream.send_all(result(fields[1], 0, b"ok"))
 
     shell = fake(slow)
@@ -275,7 +276,7 @@ async def test_timeout_without_kill_confirmation(
     async def deaf(fields: Request, stream: trio.abc.Stream) -> None:
         if fields[0] == b"P":
             await stream.send_all(b"#P %s\n" % fields[1])
-        elif fields[0] == b"R" and base64.b64decode(fields[4]) == b"next":
+        elif fields[0] == b"R" and decode_command(fields[4]) == b"next":
             await stream.send_all(result(fields[1], 0, b"ok"))
 
     shell = fake(deaf, kill_timeout=0.3)
@@ -298,7 +299,7 @@ async def test_timeout_with_a_silent_agent(fake: MakeShell, autojump_clock: trio
     async def dies(fields: Request, stream: trio.abc.Stream) -> None:
         nonlocal alive
         requests.append(fields[0])
-        if fields[0] == b"R" and base64.b64decode(fields[4]) == b"kill the agent":
+        if fields[0] == b"R" and decode_command(fields[4]) == b"kill the agent":
             alive = False
         elif alive and fields[0] == b"P":
             await stream.send_all(b"#P %s\n" % fields[1])
@@ -338,7 +339,7 @@ async def test_port_closed_ends_runs_at_once(
         requests.append(fields[0])
         if fields[0] == b"P" and answer_pings:
             await stream.send_all(b"#P %s\n" % fields[1])
-        elif fields[0] == b"R" and base64.b64decode(fields[4]) != b"hang":
+        elif fields[0] == b"R" and decode_command(fields[4]) != b"hang":
             await stream.send_all(result(fields[1], 0, b"ok"))
 
     shell = fake(agent)
@@ -531,7 +532,7 @@ async def test_concurrent_runs_are_serialised(nursery: trio.Nursery) -> None:
             assert not running, f"{fields[1]!r} was sent while {sorted(running)} still ran"
             running.add(fields[1])
             most = max(most, len(running))
-            nursery.start_soon(finish, fields[1], base64.b64decode(fields[4]), stream)
+            nursery.start_soon(finish, fields[1], decode_command(fields[4]), stream)
 
     ours, theirs = trio.testing.memory_stream_pair()
     nursery.start_soon(fake_agent, theirs, concurrent)
@@ -567,9 +568,9 @@ def test_check_returncode() -> None:
 def test_request_bytes() -> None:
     """The exact bytes (the fake agent above skips blank lines, the real one parses fields)."""
     command, stdin = encode_run("echo hi", b"in")
-    assert (command, stdin) == (b"ZWNobyBoaQ==", b"aW4=")
+    assert (command, stdin) == (b"echo\\0040hi", b"aW4=")
     assert encode_run("", None) == (b"-", b"")
-    assert run_request(b"t-1", 99, command, stdin) == b"\nR t-1 99 4 ZWNobyBoaQ== t-1\naW4=\n"
+    assert run_request(b"t-1", 99, command, stdin) == b"\nR t-1 99 4 echo\\0040hi t-1\naW4=\n"
     assert run_request(b"t-2", 99, b"-", b"") == b"\nR t-2 99 0 - t-2\n"
     assert ping_request(b"t-3") == b"\nP t-3 t-3\n"
     assert kill_request(b"t-1") == b"\nK t-1 t-1\n"

@@ -168,7 +168,8 @@ async def test_the_cache_is_reused_without_a_boot(tiny_guest: GuestImage, cache_
         async def main():
             image = trio_qemu.guest.GuestImage(kernel={str(tiny_guest.kernel)!r},
                                                initrd={str(tiny_guest.initrd)!r},
-                                               append={tiny_guest.append!r})
+                                               append={tiny_guest.append!r},
+                                               relay={tiny_guest.relay!r})
             t = await ensure_template(image.config(memory=256), prepare=prepare,
                                       key={KEY!r}, cache_dir={str(cache_dir)!r})
             print(t.path)

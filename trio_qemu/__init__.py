@@ -3,8 +3,8 @@
 The public surface is re-exported here explicitly, grouped by role; everything in the
 underscore modules is private and may change. Subpackages with their own public surface:
 :mod:`trio_qemu.guest`, :mod:`trio_qemu.network`, :mod:`trio_qemu.migration`,
-:mod:`trio_qemu.agent`, :mod:`trio_qemu.qtest`, :mod:`trio_qemu.snapshot` and
-:mod:`trio_qemu.pytest_plugin`.
+:mod:`trio_qemu.agent`, :mod:`trio_qemu.qtest`, :mod:`trio_qemu.snapshot`,
+:mod:`trio_qemu.block`, :mod:`trio_qemu.relay` and :mod:`trio_qemu.pytest_plugin`.
 """
 
 import logging as _logging
@@ -22,6 +22,9 @@ from ._config import ChannelFds as ChannelFds
 from ._config import FdSpec as FdSpec
 from ._config import kvm_usable as kvm_usable
 from ._config import resolve_accel as resolve_accel
+from ._capabilities import QemuCapabilities as QemuCapabilities
+from ._capabilities import qemu_capabilities as qemu_capabilities
+from ._keys import KEY_NAMES as KEY_NAMES
 
 # -- QMP and events ------------------------------------------------------------------
 from ._qmp import QMPClient as QMPClient
@@ -54,6 +57,17 @@ from .snapshot import open_clone as open_clone
 from .snapshot import open_clones as open_clones
 from .snapshot import open_template as open_template
 
+# -- Disks and block jobs -------------------------------------------------------------
+from .block import Drive as Drive
+from .block import Job as Job
+from .block import JobInfo as JobInfo
+from ._errors import BlockError as BlockError
+from ._errors import BlockTimeout as BlockTimeout
+from ._errors import JobError as JobError
+from ._errors import JobTimeout as JobTimeout
+from ._errors import ImageError as ImageError
+from ._errors import ImageTimeout as ImageTimeout
+
 # -- Errors (the tree is drawn in trio_qemu._errors) ---------------------------------
 from ._errors import MachineError as MachineError
 from ._errors import LaunchError as LaunchError
@@ -74,8 +88,17 @@ from ._errors import QMPBadMessage as QMPBadMessage
 from ._errors import QMPUnexpectedReply as QMPUnexpectedReply
 from ._errors import GuestBuildError as GuestBuildError
 from ._errors import GuestCommandError as GuestCommandError
+from ._errors import GuestWaitTimeout as GuestWaitTimeout
+from ._errors import InvariantViolated as InvariantViolated
+from ._errors import UnknownKeyError as UnknownKeyError
 from ._errors import ShellError as ShellError
 from ._errors import ShellTimeout as ShellTimeout
+from ._errors import CopyError as CopyError
+from ._errors import RelayError as RelayError
+from ._errors import RelayTimeout as RelayTimeout
+from ._errors import GuestStreamBroken as GuestStreamBroken
+from ._errors import GuestConnectionError as GuestConnectionError
+from ._errors import GuestConnectionRefused as GuestConnectionRefused
 from ._errors import TemplateError as TemplateError
 from ._errors import MigrationError as MigrationError
 from ._errors import QtestError as QtestError
@@ -102,6 +125,9 @@ __all__ = [
     "FdSpec",
     "kvm_usable",
     "resolve_accel",
+    "QemuCapabilities",
+    "qemu_capabilities",
+    "KEY_NAMES",
     # QMP and events
     "QMPClient",
     "open_qmp",
@@ -129,6 +155,16 @@ __all__ = [
     "open_clone",
     "open_clones",
     "open_template",
+    # Disks and block jobs
+    "Drive",
+    "Job",
+    "JobInfo",
+    "BlockError",
+    "BlockTimeout",
+    "JobError",
+    "JobTimeout",
+    "ImageError",
+    "ImageTimeout",
     # Errors (the tree is drawn in trio_qemu._errors)
     "MachineError",
     "LaunchError",
@@ -149,8 +185,17 @@ __all__ = [
     "QMPUnexpectedReply",
     "GuestBuildError",
     "GuestCommandError",
+    "GuestWaitTimeout",
+    "InvariantViolated",
+    "UnknownKeyError",
     "ShellError",
     "ShellTimeout",
+    "CopyError",
+    "RelayError",
+    "RelayTimeout",
+    "GuestStreamBroken",
+    "GuestConnectionError",
+    "GuestConnectionRefused",
     "TemplateError",
     "MigrationError",
     "QtestError",

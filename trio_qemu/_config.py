@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Self
 
 from ._errors import LaunchError
+from .block.drives import Drive, check_drives, drives_argv
 
 __all__ = [
     "ACCEL_ENV",
@@ -29,6 +30,8 @@ __all__ = [
     "DETACHING_OPTIONS",
     "KVM_DEVICE",
     "PLACEHOLDER_FDS",
+    "RELAY_PORT_ID",
+    "RELAY_PORT_NAME",
     "SHELL_PORT_NAME",
     "ChannelFds",
     "FdSpec",
@@ -55,6 +58,11 @@ SHELL_PORT_NAME: Final = "org.trio-qemu.shell"
 """The virtio-serial port name of the guest-shell channel (``/dev/virtio-ports/<name>``)."""
 SHELL_PORT_ID: Final = "trio-shell-port"
 """The guest-shell port device's id: QEMU names it in ``VSERPORT_CHANGE`` events."""
+
+RELAY_PORT_NAME: Final = "org.trio-qemu.relay"
+"""The virtio-serial port name of the relay channel (TCP streams and file copies)."""
+RELAY_PORT_ID: Final = "trio-relay-port"
+"""The relay port device's id: QEMU names it in ``VSERPORT_CHANGE`` events."""
 
 AGENT_PORT_NAME: Final = "org.qemu.guest_agent.0"
 """The virtio-serial port name the QEMU guest agent looks for by default."""
@@ -115,9 +123,11 @@ class ChannelFds:
     """The guest-shell virtio-serial port's end (used when ``shell`` is on)."""
     agent: int | None = None
     """The guest-agent virtio-serial port's end (used when ``agent`` is on)."""
+    relay: int | None = None
+    """The relay's virtio-serial port's end (used when ``relay`` is on)."""
 
 
-PLACEHOLDER_FDS: Final = ChannelFds(monitor=3, console=4, shell=5, agent=6)
+PLACEHOLDER_FDS: Final = ChannelFds(monitor=3, console=4, shell=5, agent=6, relay=7)
 """The fd numbers :meth:`MachineConfig.argv` shows when it is given no :class:`ChannelFds`:
 the lowest numbers a child could get after stdin/stdout/stderr, in a fixed order, so the
 command line can be shown and compared before any socket exists."""
@@ -131,7 +141,7 @@ class _Unset(enum.Enum):
 
 _UNSET: Final = _Unset.UNSET
 
-_SEQUENCE_FIELDS: Final = ("args", "wrapper", "fds", "inherit_fds")
+_SEQUENCE_FIELDS: Final = ("args", "wrapper", "fds", "inherit_fds", "drives")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,9 +229,17 @@ class MachineConfig:
     """True: a virtio-serial port named ``org.trio-qemu.shell`` for the guest shell."""
     agent: bool = False
     """True: a virtio-serial port named ``org.qemu.guest_agent.0`` for the guest agent."""
+    relay: bool = False
+    """True: a virtio-serial port named ``org.trio-qemu.relay`` for the guest relay (TCP
+    streams into the guest, ``forward_port``, file copies; see :mod:`trio_qemu.relay`). The
+    tiny guest's ``config()`` turns it on when that guest has the relay."""
     display: bool = False
     """True: a standard VGA device (``-vga std``) so ``screendump`` works; QEMU still runs
     with ``-display none``."""
+    drives: Sequence[Drive] = ()
+    """Disks (:class:`~trio_qemu.block.Drive`): each a ``-blockdev`` node and a ``-device``
+    front end, after the other devices and before :attr:`args`. Ids and node names must be
+    unique (a drive without an id is ``drive<N>``, N its index)."""
 
     def __post_init__(self) -> None:
         """Normalise sequences to tuples and reject inconsistent settings with ValueError."""
@@ -270,6 +288,7 @@ class MachineConfig:
         for fd in self.inherit_fds:
             if not _is_int(fd) or fd < 0:
                 raise TypeError(f"MachineConfig.inherit_fds items must be fds >= 0, not {fd!r}")
+        check_drives(self.drives)
 
         for field in ("launch_timeout", "qmp_timeout", "shutdown_timeout"):
             value = getattr(self, field)
@@ -373,7 +392,7 @@ class MachineConfig:
         """The full command line, wrapper first and :attr:`args` last.
 
         ``fds`` are the inherited fd numbers of the socketpair channels; None shows the
-        ``PLACEHOLDER_FDS`` (monitor 3, console 4, shell 5, agent 6). ``accel``
+        ``PLACEHOLDER_FDS`` (monitor 3, console 4, shell 5, agent 6, relay 7). ``accel``
         replaces :attr:`accel` (a machine resolves it once and passes the result); when not
         given, :attr:`accel` goes through :func:`resolve_accel`, which may probe KVM once.
 
@@ -420,11 +439,12 @@ class MachineConfig:
                 argv += ["-serial", "null"] * self.console_index
                 argv += ["-serial", "chardev:console"]
 
-        if self.shell or self.agent:
+        if self.shell or self.agent or self.relay:
             argv += ["-device", f"virtio-serial-pci,id={_VSER_ID}"]
-        for enabled, channel, fd, port_name in (
-            (self.shell, "shell", channels.shell, SHELL_PORT_NAME),
-            (self.agent, "agent", channels.agent, AGENT_PORT_NAME),
+        for enabled, channel, fd, port_name, port_id in (
+            (self.shell, "shell", channels.shell, SHELL_PORT_NAME, SHELL_PORT_ID),
+            (self.agent, "agent", channels.agent, AGENT_PORT_NAME, None),
+            (self.relay, "relay", channels.relay, RELAY_PORT_NAME, RELAY_PORT_ID),
         ):
             if enabled:
                 argv += [
@@ -432,11 +452,12 @@ class MachineConfig:
                     f"socket,id={channel},fd={_need(fd, channel)}",
                     "-device",
                     f"virtserialport,bus={_VSER_ID}.0,chardev={channel},name={port_name}"
-                    + (f",id={SHELL_PORT_ID}" if channel == "shell" else ""),
+                    + (f",id={port_id}" if port_id else ""),
                 ]
 
         for spec in self.fds:
             argv += ["-add-fd", spec.option()]
+        argv += drives_argv(self.drives, self.machine)
         argv += self.args
         return argv
 

@@ -22,8 +22,21 @@ Protocol errors also derive from ``qemu.qmp``'s own classes, so code written aga
      |    +-- QMPGreetingError, QMPNegotiationError, QMPBadMessage, QMPUnexpectedReply
      +-- GuestBuildError          the tiny guest could not be built
      +-- GuestCommandError        a guest command with check=True failed
+     +-- GuestWaitTimeout         (also TimeoutError) a shell wait ran out of time (last output)
+     +-- InvariantViolated        a condition of vm.invariant() stopped holding
+     +-- UnknownKeyError          (also ValueError) a key or character send_key/send_text
+     |                            cannot send (nothing was sent)
      +-- ShellError               the guest shell channel failed or is gone
      |    +-- ShellTimeout        a guest command outlived its timeout (it was killed)
+     |    +-- CopyError           a file copy failed: a path missing or of the wrong kind,
+     |                            the guest could not write, or the integrity check failed
+     +-- RelayError               the guest relay (TCP into the guest, copies) is missing,
+     |    |                       does not answer or is gone
+     |    +-- RelayTimeout        (also TimeoutError) no hello, connection or port in time
+     |    +-- GuestStreamBroken   (also trio.BrokenResourceError) a stream broke: a reset in
+     |    |                       the guest, or the relay died or restarted
+     |    +-- GuestConnectionError  (also ConnectionError) a connect in the guest failed
+     |         +-- GuestConnectionRefused  (also ConnectionRefusedError) nobody listens
      +-- MigrationError           a migration was refused, failed or timed out
      +-- TemplateError            a snapshot template could not be made or restored, or a
      |                            clone's config does not match its template
@@ -31,6 +44,13 @@ Protocol errors also derive from ``qemu.qmp``'s own classes, so code written aga
      |    +-- QtestTimeout        no answer in time
      +-- QtestInvalidRequest      (also ValueError) refused before sending
      +-- QtestProtocolError       the qtest channel is unusable
+     +-- BlockError               QEMU refused a block command (its text), or a block wait
+     |    |                       (device_del, a tray) ran out of time
+     |    +-- BlockTimeout        (also TimeoutError)
+     |    +-- JobError            a block job failed, could not start or was refused a verb
+     |         +-- JobTimeout     (also TimeoutError) it was cancelled and waited for
+     +-- ImageError               qemu-img or qemu-io failed (its message, command line)
+     |    +-- ImageTimeout        (also TimeoutError) it was killed
      +-- NetworkError             a network helper failed
      |    +-- NetworkTimeout
      +-- AgentError               the QEMU guest agent could not do what was asked
@@ -41,20 +61,37 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import trio
 from qemu.qmp.error import ProtocolError, QMPError
+
+if TYPE_CHECKING:
+    from ._shell import GuestResult
 
 __all__ = [
     "AbnormalShutdown",
     "AgentError",
     "AgentTimeout",
+    "BlockError",
+    "BlockTimeout",
     "ConsoleClosed",
     "ConsoleError",
     "ConsoleFailure",
     "ConsoleTimeout",
+    "CopyError",
     "EventsDropped",
     "GuestBuildError",
     "GuestCommandError",
+    "GuestConnectionError",
+    "GuestConnectionRefused",
+    "GuestStreamBroken",
+    "GuestWaitTimeout",
+    "ImageError",
+    "ImageTimeout",
+    "InvariantViolated",
+    "JobError",
+    "JobTimeout",
     "LaunchError",
     "MachineError",
     "MachineExited",
@@ -73,9 +110,12 @@ __all__ = [
     "QtestInvalidRequest",
     "QtestProtocolError",
     "QtestTimeout",
+    "RelayError",
+    "RelayTimeout",
     "ShellError",
     "ShellTimeout",
     "TemplateError",
+    "UnknownKeyError",
 ]
 
 
@@ -308,6 +348,180 @@ class ShellTimeout(ShellError, TimeoutError):
         super().__init__(message)
 
 
+
+class _CarriesResult:
+    """``returncode``, ``stdout`` and ``stderr`` of the guest command run an error carries
+    (``result``, a ``GuestResult``, or None: then None, ``b""`` and ``b""``)."""
+
+    result: GuestResult | None
+
+    @property
+    def returncode(self) -> int | None:
+        """The run's exit status (None when there is no run)."""
+        return self.result.returncode if self.result is not None else None
+
+    @property
+    def stdout(self) -> bytes:
+        """What the run wrote to stdout."""
+        return self.result.stdout if self.result is not None else b""
+
+    @property
+    def stderr(self) -> bytes:
+        """What the run wrote to stderr."""
+        return self.result.stderr if self.result is not None else b""
+
+    def _result_text(self) -> str:
+        text = (self.stdout + self.stderr)[-2000:].decode("utf-8", "replace")
+        return f"exit status {self.returncode}, output:\n" + _tail(text)
+
+
+class GuestWaitTimeout(_CarriesResult, MachineError, TimeoutError):
+    """A shell wait (``shell.wait_until_succeeds``, ``wait_until_fails``,
+    ``wait_for_file``) ran out of time before the command answered as wanted.
+
+    ``command`` is the command polled, ``timeout`` the time given and ``attempts`` how
+    many runs were made. ``result`` is the last run that completed (a ``GuestResult``,
+    None if none did), and ``returncode``, ``stdout`` and ``stderr`` are its exit status
+    and output (None and empty without one). ``error`` is the
+    :class:`ShellTimeout` of a last run that was still going when the time ran out and was
+    killed (also the ``__cause__``), else None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        command: str,
+        timeout: float,
+        attempts: int,
+        result: GuestResult | None = None,
+        error: ShellTimeout | None = None,
+    ) -> None:
+        self.command = command
+        self.timeout = timeout
+        self.attempts = attempts
+        self.result = result
+        self.error = error
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        parts = [str(self.args[0])]
+        if self.result is not None:
+            parts.append("  last run: " + self._result_text())
+        if self.error is not None:
+            parts.append(f"  the run after it: {self.error}")
+        return "\n".join(parts)
+
+
+class InvariantViolated(_CarriesResult, MachineError):
+    """A condition checked by ``vm.invariant()`` stopped holding during its block.
+
+    ``check`` names what was checked (the guest command, or the callable's name) and
+    ``checks`` how many times it had held before. For a guest command that exited with a
+    non-zero status, ``result`` is its ``GuestResult`` and ``returncode``, ``stdout`` and
+    ``stderr`` its exit status and output. ``error`` is the exception the check raised (a
+    callable's own error, a :class:`ShellTimeout` or :class:`ShellError` of a guest
+    command, or ``TimeoutError`` for a callable that outlived its timeout), also the
+    ``__cause__``; None when the check answered (a failed command, a falsy value).
+    ``value`` is what a callable returned, when it returned.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        check: str,
+        checks: int,
+        result: GuestResult | None = None,
+        error: BaseException | None = None,
+        value: object = None,
+    ) -> None:
+        self.check = check
+        self.checks = checks
+        self.result = result
+        self.error = error
+        self.value = value
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        parts = [str(self.args[0])]
+        if self.result is not None:
+            parts.append("  " + self._result_text())
+        return "\n".join(parts)
+
+
+class UnknownKeyError(MachineError, ValueError):
+    """``send_key`` was given a key name QEMU does not know, or ``send_text`` a character
+    it cannot type. Raised before anything is sent: the guest got no key at all.
+
+    ``key`` is the offending name (or character) and ``given`` the whole argument.
+    """
+
+    def __init__(self, message: str, *, key: str, given: str) -> None:
+        self.key = key
+        self.given = given
+        super().__init__(message)
+
+
+class CopyError(ShellError):
+    """``shell.copy_to`` or ``shell.copy_from`` failed: a path is missing or of the wrong
+    kind (a directory where a file is expected, or the other way round), the guest could
+    not write or read it (its error is in the message), or what arrived does not match what
+    was sent (size and SHA-256). ``path`` is the path concerned. Nothing is left under the
+    destination's name then, and the shell stays usable."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        self.path = path
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.args[0],), self.__dict__)
+
+
+class RelayError(MachineError):
+    """The guest relay (``vm.open_tcp_stream``, ``vm.forward_port``, file copies) failed:
+    the machine has no relay channel, the guest has no relay or it does not answer, or the
+    relay is gone (killed in the guest: a new one started by the guest's init is used
+    again once it says hello)."""
+
+
+class RelayTimeout(RelayError, TimeoutError):
+    """A relay operation ran out of time: the relay did not say hello, a connection in the
+    guest was not made, or a port did not open (or close) in time."""
+
+
+class GuestStreamBroken(RelayError, trio.BrokenResourceError):
+    """A stream through the relay broke: the connection was reset in the guest, or the
+    relay died or restarted while it was open. Also a ``trio.BrokenResourceError``, what
+    Trio streams raise when the other end breaks."""
+
+
+class GuestConnectionError(RelayError, ConnectionError):
+    """A connection the relay tried to make in the guest failed.
+
+    ``errno`` is the guest's error number (``errno.ECONNREFUSED``...), ``host`` and
+    ``port`` the address tried.
+    """
+
+    def __init__(
+        self, message: str, errno: int | None = None, host: str = "", port: int = 0
+    ) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.host = host
+        self.port = port
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.args[0], self.errno, self.host, self.port), self.__dict__)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class GuestConnectionRefused(GuestConnectionError, ConnectionRefusedError):
+    """Nobody listens at that address in the guest (``ECONNREFUSED``)."""
+
+
 class MigrationError(MachineError):
     """A live migration was refused, failed or timed out (and was then cancelled).
 
@@ -429,3 +643,90 @@ class AgentError(MachineError):
 class AgentTimeout(AgentError, QMPTimeout):
     """A guest agent operation outlived its ``timeout`` (the agent never came up, or a
     command run with ``exec`` did not finish; that command was killed)."""
+
+
+class BlockError(MachineError):
+    """QEMU refused a block command, or a block wait ran out of time.
+
+    Raised by the disk and block-job methods of a machine (``blockdev_add``, ``device_add``,
+    ``device_del``, the tray and medium methods, a job's start). ``command`` is the QMP
+    command, ``desc`` QEMU's own error text (empty when nothing was refused), and the
+    ``qemu.qmp.ExecuteError`` is the ``__cause__``. QEMU runs on unharmed.
+    """
+
+    def __init__(self, message: str, *, command: str = "", desc: str = "") -> None:
+        self.command = command
+        self.desc = desc
+        super().__init__(message)
+
+
+class BlockTimeout(BlockError, TimeoutError):
+    """A block wait (``device_del`` for ``DEVICE_DELETED``, a tray for
+    ``DEVICE_TRAY_MOVED``) ran out of time; the request stays with QEMU (and the guest)."""
+
+
+class JobError(BlockError):
+    """A block job failed, was cancelled by someone else, could not start, or refused a verb.
+
+    ``job_id`` is the job, ``status`` its last known status (``"null"`` once it is gone),
+    ``desc`` QEMU's text (the job's error, ``"Operation canceled"``, or the refusal:
+    ``Job 'job0' in state 'running' cannot accept command verb 'complete'``) and ``verb``
+    the refused verb or command (else None). When a job failed, trio_qemu has dismissed or
+    cancelled it: no job is left behind.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_id: str,
+        status: str | None = None,
+        desc: str = "",
+        verb: str | None = None,
+        command: str = "",
+    ) -> None:
+        self.job_id = job_id
+        self.status = status
+        self.verb = verb
+        super().__init__(message, command=command, desc=desc)
+
+
+class JobTimeout(JobError, TimeoutError):
+    """A block job did not finish (or reach the awaited status) in time; it was cancelled
+    (``job-cancel``, dismissed when needed) and waited for, so the machine stays usable."""
+
+
+class ImageError(MachineError):
+    """``qemu-img`` or ``qemu-io`` failed.
+
+    ``reason`` is the tool's own message (its last lines of error output), ``argv`` the
+    command line, ``returncode`` its exit status (None when it was killed on a timeout) and
+    ``output`` everything it wrote to stderr and stdout (the last 64 KiB at most).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        argv: Sequence[str] = (),
+        returncode: int | None = None,
+        output: str = "",
+    ) -> None:
+        self.reason = reason
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.output = output
+        super().__init__(reason)
+
+    def __str__(self) -> str:
+        parts = [self.reason]
+        if self.returncode is not None:
+            parts.append(f"  exit status: {self.returncode}")
+        if self.argv:
+            parts.append(f"  command line: {' '.join(self.argv)}")
+        return "\n".join(parts)
+
+
+class ImageTimeout(ImageError, TimeoutError):
+    """``qemu-img`` or ``qemu-io`` outlived its timeout and was killed (an image it was
+    creating is removed)."""

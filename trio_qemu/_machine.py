@@ -42,7 +42,7 @@ import trio
 from qemu.qmp.models import Greeting
 
 from ._channels import Channels
-from ._config import SHELL_PORT_ID, MachineConfig, check_paths
+from ._config import RELAY_PORT_ID, SHELL_PORT_ID, MachineConfig, check_paths
 from ._console import Console
 from ._errors import (
     AbnormalShutdown,
@@ -53,6 +53,7 @@ from ._errors import (
     QMPConnectionClosed,
     QMPProtocolError,
     QMPTimeout,
+    RelayError,
 )
 from ._invariants import Invariants
 from ._keys import KeyboardInput
@@ -66,6 +67,7 @@ from ._util import EOF_GRACE, ShieldOnStart
 from .agent import GuestAgent
 from .block._commands import BlockCommands
 from .relay._commands import GuestPorts
+from .relay._relay import Relay
 
 __all__ = ["Machine", "MachineState"]
 
@@ -129,6 +131,7 @@ class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPo
         self._console: Console | None = None
         self._shell: Shell | None = None
         self._agent: GuestAgent | None = None
+        self._relay: Relay | None = None
         #: where lazily started services (the agent's reader) run; set by launch()
         self._nursery: trio.Nursery | None = None
         self._channels = Channels(self.name)
@@ -232,6 +235,7 @@ class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPo
         if self._shell is None:
             stream = self.channel("shell")
             self._shell = Shell(stream, name=f"{self.name}.shell", on_eof=self._on_qmp_eof)
+            self._shell.use_relay(lambda: self.relay)  # copies go through the relay
             if self._state is MachineState.STOPPED or self.failure is not None:
                 self._shell.close(self.failure)
         return self._shell
@@ -258,6 +262,20 @@ class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPo
                 self._nursery.start_soon(self._service, agent.run)
         return self._agent
 
+    @property
+    def relay(self) -> Relay:
+        """The relay channel (needs ``relay=True`` and a guest that runs the relay, like the
+        tiny guest's when it was built with a C compiler at hand): TCP streams into the
+        guest, forwarded ports, file copies."""
+        if self._relay is None:
+            if self.config.relay:
+                raise RelayError(f"{self.name}: not launched yet")
+            raise RelayError(
+                f"{self.name}: no relay channel: launch it with relay=True (the tiny guest's "
+                "config() does when the guest has the relay, built when a C compiler was found)"
+            )
+        return self._relay
+
     def _agent_shutdown(self, mode: str) -> None:
         """``guest-shutdown`` is being sent: when it will end QEMU, that exit is expected
         (as after ``quit``), not reported as MachineExited."""
@@ -265,9 +283,11 @@ class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPo
             self.expect_exit("guest-shutdown")
 
     def channel(self, name: str) -> trio.SocketStream:
-        """Our end of the ``shell`` or ``agent`` socketpair channel."""
-        if name not in ("shell", "agent"):
-            raise ValueError(f"no such channel: {name!r} (the channels are shell and agent)")
+        """Our end of the ``shell``, ``agent`` or ``relay`` socketpair channel."""
+        if name not in ("shell", "agent", "relay"):
+            raise ValueError(
+                f"no such channel: {name!r} (the channels are shell, agent and relay)"
+            )
         try:
             return self._channels.ours[name]
         except KeyError:
@@ -320,7 +340,7 @@ class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPo
                         f"cannot listen at monitor_address {config.monitor_address!r}: {exc}",
                         name=self.name,
                     ) from exc
-            for channel in ("console", "shell", "agent"):
+            for channel in ("console", "shell", "agent", "relay"):
                 if getattr(config, channel):
                     channels.open(channel)
             # With a listener, QEMU must be told the address really bound (a port 0 is chosen).
@@ -357,11 +377,22 @@ class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPo
                     port = {"data": {"id": SHELL_PORT_ID}}
                     events = self.subscribe("VSERPORT_CHANGE", match=port)
                     await nursery.start(self._service, self.shell.watch_port, events)
+            if config.relay:
+                await self._start_relay(nursery)
             nursery.start_soon(self._supervise)
         finally:
             if listener is not None:
                 listener.close()
             channels.close_theirs()  # if we failed before QEMU was spawned
+
+    async def _start_relay(self, nursery: trio.Nursery) -> None:
+        """The relay's reader and writer, and (with QMP) the watch on its port."""
+        relay = Relay(self.channel("relay"), name=f"{self.name}.relay", on_eof=self._on_qmp_eof)
+        self._relay = relay
+        await nursery.start(self._service, relay.run)
+        if self.config.qmp:  # QEMU says when the guest closes the relay port
+            events = self.subscribe("VSERPORT_CHANGE", match={"data": {"id": RELAY_PORT_ID}})
+            await nursery.start(self._service, relay.watch_port, events)
 
     @_ki_protected
     def _make_temp_dir(self) -> None:
@@ -517,6 +548,8 @@ class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPo
             self._shell.close(error)
         if self._agent is not None:
             self._agent.fail(error)
+        if self._relay is not None:
+            self._relay.fail(error)
 
     @_ki_protected
     async def _supervise(self) -> None:
@@ -676,6 +709,9 @@ class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPo
         if self._agent is not None:
             agent = self._agent
             steps.append(lambda: agent.fail(self._exit_error or closed))
+        if self._relay is not None:
+            relay = self._relay
+            steps.append(lambda: relay.close(self._exit_error))
         steps.append(self._channels.close)
         if self._accepted is not None:
             steps.append(self._accepted.socket.close)

@@ -17,7 +17,6 @@ They use only :class:`~trio_qemu.Machine`'s public methods (``launch``, ``shutdo
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -25,7 +24,7 @@ import trio
 from ._config import MachineConfig
 from ._errors import AbnormalShutdown
 from ._machine import Machine
-from ._util import BlockOutcome, keyboard_interrupt_in
+from ._util import BlockOutcome, keyboard_interrupt_in, protected_asynccontextmanager
 
 __all__ = ["open_machine", "open_machines", "start_machine"]
 
@@ -67,7 +66,7 @@ def _raise_bare_interrupt(group: BaseExceptionGroup[BaseException]) -> None:
         raise interrupt
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 @trio.lowlevel.enable_ki_protection
 async def open_machine(
     config: MachineConfig | None = None, /, **fields: Any
@@ -113,7 +112,7 @@ async def open_machine(
         raise abnormal
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 @trio.lowlevel.enable_ki_protection
 async def open_machines(*configs: MachineConfig) -> AsyncIterator[list[Machine]]:
     """Launch several machines concurrently; tear them all down concurrently on exit.

@@ -23,7 +23,6 @@ import os
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -42,7 +41,7 @@ from ._errors import (
 )
 from ._events import EventHub, QMPEvent, Subscription
 from ._transport import Address, Listener, connect, read_fd
-from ._util import LineSplitter, only_cancelled
+from ._util import LineSplitter, only_cancelled, protected_asynccontextmanager
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "QMPClient", "open_qmp"]
 
@@ -70,9 +69,6 @@ class _LineReader:
         self._max = max_size
         self._splitter = LineSplitter(max_size, self._too_large, skip_blank=True)
         self._lines = self._splitter.lines
-        #: set by the owner when it just woke a caller: yield first so the caller runs
-        #: (and sends its next command) before we poll the socket again
-        self.yield_first = False
 
     def _too_large(self, head: bytes) -> None:
         raise QMPBadMessage(f"message larger than the limit of {self._max} bytes", head)
@@ -80,8 +76,7 @@ class _LineReader:
     async def _receive(self) -> bytes | bytearray:
         if self._fd is None:
             return await self._stream.receive_some(65536)
-        yield_first, self.yield_first = self.yield_first, False
-        return await read_fd(self._fd, yield_first=yield_first)
+        return await read_fd(self._fd)
 
     async def next_line(self) -> bytes | None:
         """The next message without its newline, or ``None`` at a clean EOF."""
@@ -96,17 +91,25 @@ class _LineReader:
         return self._lines.popleft()
 
 
+def _deadline_of(slot: _Pending | None) -> float:
+    return math.inf if slot is None else slot.deadline
+
+
 class _Pending:
     """One command waiting for its reply."""
 
-    __slots__ = ("done", "error", "reply", "sent")
+    __slots__ = ("deadline", "done", "error", "reply", "sent", "timed_out")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
         self.done = trio.Event()
         self.reply: dict[str, Any] | None = None
         self.error: BaseException | None = None
         #: set just before the first byte may go out: a reply may come from then on
         self.sent = False
+        #: when the call gives up (Trio time); the reader task enforces it
+        self.deadline = deadline
+        #: set by the reader task when the deadline passed with no reply
+        self.timed_out = False
 
 
 class QMPClient:
@@ -144,6 +147,10 @@ class QMPClient:
         self.greeting: Greeting | None = None
         self._stream = stream
         self._reader = _LineReader(stream, max_message_size)
+        # The reader task's cancel scope, whose deadline is the earliest pending call's: the
+        # reader ends calls that time out, so a call needs no cancel scope of its own (one per
+        # call cost ~10% of a round trip). None while the reader task is not running.
+        self._timer: trio.CancelScope | None = None
         self._send_lock = trio.StrictFIFOLock()
         # The socket's fd for the fast send path (None: not a socket stream; use send_all).
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
@@ -293,15 +300,21 @@ class QMPClient:
         task_status.started()
         reader = self._reader
         try:
-            while True:
-                line = await reader.next_line()
-                if line is None:
-                    log.debug("%s: EOF", self.name)
-                    if on_eof is not None:
-                        await on_eof()
-                    self.fail(None)
-                    break
-                self._dispatch(line)
+            at_eof = False
+            while not at_eof:
+                with trio.CancelScope(deadline=self._earliest_deadline()) as self._timer:
+                    while True:
+                        line = await reader.next_line()
+                        if line is None:
+                            at_eof = True
+                            break
+                        self._dispatch(line)
+                self._timer = None
+                self._expire(trio.current_time())
+            log.debug("%s: EOF", self.name)
+            if on_eof is not None:
+                await on_eof()
+            self.fail(None)
         except QMPProtocolError as exc:
             log.warning("%s: %s; closing the connection", self.name, exc)
             self.fail(exc)
@@ -313,8 +326,24 @@ class QMPClient:
                 closed = QMPConnectionClosed(f"{self.name}: the QMP connection broke: {exc!r}")
                 closed.__cause__ = exc
                 self.fail(closed)
+        finally:
+            self._timer = None
         with trio.CancelScope(shield=True):
             await self._stream.aclose()
+
+    def _earliest_deadline(self) -> float:
+        return min((slot.deadline for slot in self._pending.values()), default=math.inf)
+
+    def _expire(self, now: float) -> None:
+        """End the calls whose deadline has passed (they raise QMPTimeout); a late reply to
+        one is then ignored."""
+        for msg_id, slot in list(self._pending.items()):
+            if slot.deadline <= now:
+                del self._pending[msg_id]
+                slot.timed_out = True
+                if slot.sent:
+                    self._abandoned.add(msg_id)
+                slot.done.set()
 
     def _dispatch(self, line: bytes) -> None:
         self._record("<-", line)
@@ -342,7 +371,6 @@ class QMPClient:
             raise QMPUnexpectedReply(f"a reply with an id we never sent ({msg_id!r})", line)
         slot.reply = msg
         slot.done.set()
-        self._reader.yield_first = True
 
     # -- writing -------------------------------------------------------------------------
     async def _send(
@@ -370,14 +398,26 @@ class QMPClient:
                 except OSError as exc:
                     raise await self._send_failed(exc) from exc
                 if sent < len(data):
-                    await self._send_shielded(data[sent:], ())
+                    await self._send_shielded(data[sent:], (), _deadline_of(slot))
             finally:
                 self._send_lock.release()
         else:
-            async with self._send_lock:
+            # Our turn may come after the call's deadline: then it is not sent at all (the
+            # reader task, or the call's own scope, ends the call with QMPTimeout).
+            acquired = False
+            with trio.move_on_at(_deadline_of(slot)):
+                await self._send_lock.acquire()
+                acquired = True
+            if not acquired:
+                return
+            try:
                 if slot is not None:
+                    if slot.done.is_set():  # it timed out while it waited for its turn
+                        return
                     slot.sent = True
-                await self._send_shielded(data, fds)
+                await self._send_shielded(data, fds, _deadline_of(slot))
+            finally:
+                self._send_lock.release()
         self._record("->", data)
 
     async def _send_failed(self, exc: BaseException) -> BaseException:
@@ -389,8 +429,12 @@ class QMPClient:
         self.fail(QMPConnectionClosed(f"{self.name}: cannot send: {exc!r}"))
         return self._closed_error("cannot send")
 
-    async def _send_shielded(self, data: bytes, fds: Sequence[int]) -> None:
-        deadline = min(trio.current_time() + self.timeout, trio.current_effective_deadline())
+    async def _send_shielded(
+        self, data: bytes, fds: Sequence[int], call_deadline: float = math.inf
+    ) -> None:
+        deadline = min(
+            trio.current_time() + self.timeout, trio.current_effective_deadline(), call_deadline
+        )
         with trio.CancelScope(shield=True, deadline=deadline) as scope:
             try:
                 if fds:
@@ -450,7 +494,8 @@ class QMPClient:
             request["arguments"] = arguments
         msg_id = next(self._ids)
         request["id"] = msg_id
-        return await self._call(msg_id, bytes(Message(request)), cmd, timeout, fds)
+        data = json.dumps(request, separators=(",", ":")).encode("utf-8")
+        return await self._call(msg_id, data, cmd, timeout, fds)
 
     # Protected from KeyboardInterrupt so that a Ctrl-C lands only at its awaits, never between
     # a write and the bookkeeping that lets the reader recognise the late reply.
@@ -462,25 +507,39 @@ class QMPClient:
             await trio.lowlevel.checkpoint()
             raise self._closed_error(f"cannot run {cmd}")
         timeout = self.timeout if timeout is None else timeout
-        slot = _Pending()
-        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            try:
-                self._pending[msg_id] = slot
-                await self._send(data, fds, slot)
-                await slot.done.wait()
-            finally:
-                if (
-                    not slot.done.is_set()
-                    and self._pending.pop(msg_id, None) is not None
-                    and slot.sent
-                ):
-                    self._abandoned.add(msg_id)
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        slot = _Pending(deadline)
+        timer = self._timer
+        if timer is None:  # no reader task to enforce the deadline: a scope of our own
+            with trio.CancelScope(deadline=deadline):
+                await self._exchange(msg_id, slot, data, fds)
+        else:
+            if deadline < timer.deadline:
+                timer.deadline = deadline
+            await self._exchange(msg_id, slot, data, fds)
         if slot.error is not None or (slot.reply is None and self._closed):
             raise self._closed_error(f"no reply to {cmd}")
         if slot.reply is None:
-            assert scope.cancelled_caught
+            assert slot.timed_out or timer is None
             raise QMPTimeout(f"{self.name}: no reply to {cmd} within {timeout} s")
         return slot.reply
+
+    async def _exchange(
+        self, msg_id: int, slot: _Pending, data: bytes, fds: Sequence[int]
+    ) -> None:
+        """Send the request and wait for its slot to be done; a call given up before its
+        reply leaves the id to be ignored when the reply comes late."""
+        try:
+            self._pending[msg_id] = slot
+            await self._send(data, fds, slot)
+            await slot.done.wait()
+        finally:
+            if (
+                not slot.done.is_set()
+                and self._pending.pop(msg_id, None) is not None
+                and slot.sent
+            ):
+                self._abandoned.add(msg_id)
 
     async def cmd(
         self,
@@ -531,7 +590,7 @@ class QMPClient:
         return self.events.take_unclaimed()
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def open_qmp(
     target: Address | trio.abc.Stream,
     *,

@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import Any, Final, Generic, Self, TypeVar
+from typing import Any, Final, Generic, ParamSpec, Self, TypeVar
 
 import trio
 
@@ -32,11 +33,13 @@ __all__ = [
     "keyboard_interrupt_in",
     "only_cancelled",
     "open_service_nursery",
+    "protected_asynccontextmanager",
     "publish",
     "registered_scope",
 ]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 EOF_GRACE: Final = 0.25
 """How long a channel's end of file waits for QEMU's exit status (seconds).
@@ -98,6 +101,48 @@ class BlockOutcome:
         if failure is not None and only_cancelled(error):
             raise failure from None
         raise error
+
+
+class _ProtectedContext(Generic[T]):
+    """An async context manager whose enter and exit run protected from KeyboardInterrupt."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: AbstractAsyncContextManager[T]) -> None:
+        self._context = context
+
+    @trio.lowlevel.enable_ki_protection
+    async def __aenter__(self) -> T:
+        return await self._context.__aenter__()
+
+    @trio.lowlevel.enable_ki_protection
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._context.__aexit__(exc_type, exc, tb)
+
+
+def protected_asynccontextmanager(
+    func: Callable[P, AsyncIterator[T]],
+) -> Callable[P, AbstractAsyncContextManager[T]]:
+    """``@asynccontextmanager`` whose enter and exit are protected from KeyboardInterrupt.
+
+    ``contextlib``'s own frames between an ``async with`` and the generator are not: a
+    Ctrl-C landing in one of them leaves the generator suspended at its ``yield`` and its
+    nursery abandoned (Trio then reports "Parent Task exited prematurely"). Protected, Trio
+    delivers the Ctrl-C at a checkpoint inside the generator, whose clean-up then runs.
+    """
+    factory = asynccontextmanager(func)
+
+    @functools.wraps(func)
+    def helper(*args: P.args, **kwargs: P.kwargs) -> AbstractAsyncContextManager[T]:
+        return _ProtectedContext(factory(*args, **kwargs))
+
+    helper.__returns_acontextmanager__ = True  # type: ignore[attr-defined]  # for the docs
+    return helper
 
 
 @asynccontextmanager

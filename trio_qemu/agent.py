@@ -40,7 +40,6 @@ import logging
 import secrets
 import shlex
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
 from typing import Any, Final, Protocol
 
 import trio
@@ -48,7 +47,7 @@ import trio
 from ._errors import AgentError, AgentTimeout, QMPConnectionClosed, QMPTimeout, copy_error
 from ._qmp import QMPClient
 from ._shell import GuestResult
-from ._util import open_service_nursery
+from ._util import open_service_nursery, protected_asynccontextmanager
 
 __all__ = [
     "DEFAULT_AGENT_MESSAGE_SIZE",
@@ -613,7 +612,7 @@ def _field(reply: object, key: str, kind: type, command: str) -> Any:
     return reply[key]
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def open_agent(
     target: trio.abc.Stream | _HasChannel,
     *,

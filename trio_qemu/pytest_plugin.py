@@ -33,6 +33,13 @@ internal exception chain). When a test fails, its report gets one section per VM
 QEMU's command line and exit status, the console tail (terminal escape sequences removed),
 QEMU's own output and the last QMP messages exchanged.
 
+Skips: ``require_accel("kvm")``, ``require_device(name)``, ``require_machine(type)`` and
+``require_netdev(type)``, called in a test or fixture, skip it (``pytest.skip``, with the
+reason) when QEMU lacks what it names; the markers of the same names
+(``@pytest.mark.require_device("virtio-gpu-pci")``, several names or markers allowed, and
+``binary=`` for another QEMU) skip it before its fixtures are set up. QEMU is asked once per
+binary and session (:func:`~trio_qemu.qemu_capabilities`, about 0.1 s), and the answer kept.
+
 The module is registered under its own name (``trio_qemu.pytest_plugin``) by the entry
 point too, so ``-p trio_qemu.pytest_plugin`` (needed with ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``)
 and ``-p no:trio_qemu.pytest_plugin`` both work.
@@ -51,6 +58,7 @@ from typing import Any, Protocol
 import pytest
 import trio
 
+from ._capabilities import capabilities_blocking
 from ._config import MachineConfig
 from ._errors import MachineError, MachineExited
 from ._machine import Machine
@@ -58,7 +66,13 @@ from ._openers import start_machine
 from .guest import GuestImage, build_guest, default_cache_dir, ensure_guest
 from .snapshot import PER_MACHINE_FIELDS, Template, TemplateError, ensure_template, restore
 
-__all__ = ["MachineFactory"]
+__all__ = [
+    "MachineFactory",
+    "require_accel",
+    "require_device",
+    "require_machine",
+    "require_netdev",
+]
 
 _MACHINES_KEY = pytest.StashKey[list[Machine]]()
 _NOTES_KEY = pytest.StashKey[dict[str, str]]()
@@ -310,6 +324,99 @@ async def _stop(vm: Machine, notes: dict[str, str]) -> None:
         notes[vm.name] = f"{earlier}\nshutdown: {exc}" if earlier else f"shutdown: {exc}"
 
 
+# --- skips for what QEMU lacks ---------------------------------------------------------------
+
+#: The skip markers, and the kind of capability each names.
+_REQUIRE_MARKERS = {
+    "require_accel": "accel",
+    "require_device": "device",
+    "require_machine": "machine",
+    "require_netdev": "netdev",
+}
+
+
+def _require(kind: str, names: tuple[str, ...], binary: str | None) -> None:
+    __tracebackhide__ = True
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise TypeError(f"require_{kind} takes one or more names (str), not {names!r}")
+    problem = None
+    try:
+        capabilities = capabilities_blocking(binary)
+    except MachineError as exc:
+        problem = str(exc)  # failed below, outside the except: no chain in the report
+    if problem is not None:
+        pytest.fail(f"cannot ask QEMU what it supports: {problem}", pytrace=False)
+    for name in names:
+        reason = capabilities.missing(kind, name)
+        if reason is not None:
+            pytest.skip(reason)
+
+
+def require_accel(*names: str, binary: str | None = None) -> None:
+    """Skip the calling test unless each accelerator of ``names`` is built into QEMU and
+    usable here (``"kvm"`` also needs :func:`~trio_qemu.kvm_usable`).
+
+    ``binary`` is the QEMU to ask (None: ``$QEMU``, else ``qemu-system-x86_64``); it is
+    asked once per session (:func:`~trio_qemu.qemu_capabilities`). A QEMU that cannot be
+    started fails the test instead.
+    """
+    __tracebackhide__ = True
+    _require("accel", names, binary)
+
+
+def require_device(*names: str, binary: str | None = None) -> None:
+    """Skip the calling test unless QEMU has each device type of ``names``
+    (``-device`` names, e.g. ``"virtio-gpu-pci"``); ``binary`` as for
+    :func:`require_accel`."""
+    __tracebackhide__ = True
+    _require("device", names, binary)
+
+
+def require_machine(*names: str, binary: str | None = None) -> None:
+    """Skip the calling test unless QEMU has each machine type of ``names`` (or an alias:
+    ``"q35"``, ``"microvm"``); ``binary`` as for :func:`require_accel`."""
+    __tracebackhide__ = True
+    _require("machine", names, binary)
+
+
+def require_netdev(*names: str, binary: str | None = None) -> None:
+    """Skip the calling test unless QEMU has each ``-netdev`` backend of ``names``
+    (``"user"``, ``"tap"``, ``"stream"``...); ``binary`` as for :func:`require_accel`."""
+    __tracebackhide__ = True
+    _require("netdev", names, binary)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the skip markers (``--strict-markers`` knows them)."""
+    for marker, kind in _REQUIRE_MARKERS.items():
+        config.addinivalue_line(
+            "markers",
+            f"{marker}(*names, binary=None): skip the test unless QEMU has each {kind} "
+            f"of names (trio_qemu.pytest_plugin.{marker})",
+        )
+
+
+def _skip_unless_capable(item: pytest.Item) -> None:
+    """Honour the ``require_*`` markers of ``item``."""
+    __tracebackhide__ = True
+    for marker_name, kind in _REQUIRE_MARKERS.items():
+        for marker in item.iter_markers(marker_name):
+            unknown = set(marker.kwargs) - {"binary"}
+            if unknown:
+                pytest.fail(
+                    f"@pytest.mark.{marker_name} takes names and binary=, not "
+                    f"{', '.join(sorted(unknown))}",
+                    pytrace=False,
+                )
+            names = marker.args
+            if not names or not all(isinstance(name, str) and name for name in names):
+                pytest.fail(
+                    f"@pytest.mark.{marker_name} takes one or more names (str), not {names!r}",
+                    pytrace=False,
+                )
+            _require(kind, tuple(names), marker.kwargs.get("binary"))
+
+
 # --- running the tests ----------------------------------------------------------------------
 
 
@@ -340,8 +447,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Fail a test that uses an async fixture of this plugin with a clear message when it
-    cannot run: pytest-trio is missing, or the test is not ``async def``."""
+    """Skip a test whose ``require_*`` markers QEMU does not meet. Fail a test that uses an
+    async fixture of this plugin with a clear message when it cannot run: pytest-trio is
+    missing, or the test is not ``async def``."""
+    _skip_unless_capable(item)
     fixture = _async_fixture(item)
     if fixture is None:
         return
@@ -362,19 +471,37 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     pytest-trio raises an ExceptionGroup when the test and a fixture both fail: a VM that
     dies mid-test ends the test with a copy of its error (e.g. ``MachineExited`` from a
     ``shell.run``) and the ``machine`` fixture with the original. Copies of one failure are
-    folded into one; a lone error is raised bare.
+    folded into one; a lone error is raised bare. A skip keeps its reason (see
+    :func:`_with_reason`).
     """
     __tracebackhide__ = True
-    if not _uses_machine(item):
-        return (yield)
     try:
         return (yield)
+    except pytest.skip.Exception as skip:
+        raise _with_reason(skip) from None
     except MachineExited as exc:
+        if not _uses_machine(item):
+            raise
         _drop_chain(exc)
         raise
     except BaseExceptionGroup as group:
+        if not _uses_machine(item):
+            raise
         simpler = _fold(group, test_file=str(getattr(item, "path", "")))
     raise simpler
+
+
+def _with_reason(skip: BaseException) -> BaseException:
+    """The skip to report: pytest-trio (0.8) turns a ``pytest.skip(reason)`` inside an async
+    test into a ``pytest.skip()`` with no reason, raised while it handles the group that
+    holds the original; that original, when it is the group's only leaf."""
+    group = skip.__context__
+    if getattr(skip, "msg", None) or not isinstance(group, BaseExceptionGroup):
+        return skip
+    leaves = _leaves(group)
+    if len(leaves) == 1 and isinstance(leaves[0], pytest.skip.Exception):
+        return leaves[0]
+    return skip
 
 
 def _drop_chain(error: MachineExited) -> None:

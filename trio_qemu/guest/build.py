@@ -38,6 +38,7 @@ from .image import (
 )
 from .initramfs import _write_initramfs
 from .kernel import GUEST_MODULES, _decompress_vmlinuz, _extract_kernel
+from .relay_binary import compile_relay
 from .scripts import _script_digest
 
 __all__ = ["build_guest", "ensure_guest"]
@@ -175,9 +176,11 @@ async def _build(
     report("building the initramfs")
     await _extract(busybox_deb, build_dir / "busybox", ["*/bin/busybox"])
     busybox = next((build_dir / "busybox").glob("**/bin/busybox"))
+    relay = await compile_relay(build_dir / "relay", report)
     initrd_size = await _write_initramfs(
-        out / "initrd.cpio", build_dir / "initramfs", busybox, module_root, release, modules
-    )
+        out / "initrd.cpio", build_dir / "initramfs", busybox, module_root, release, modules,
+        relay=relay,
+    )  # fmt: skip
     report(f"initramfs is {initrd_size / 1e6:.1f} MB ({report.since(start)})")
 
     meta = {
@@ -189,6 +192,7 @@ async def _build(
         "kernel_package": dataclasses.asdict(kernel_pkg),
         "busybox_package": dataclasses.asdict(busybox_pkg),
         "modules": sorted(modules),
+        "relay": relay is not None,
         "format": FORMAT_VERSION,
         "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -18,6 +18,7 @@ from .._shell import SHELL_AGENT_PATH, SHELL_AGENT_SCRIPT
 from .apt import _run
 from .cpio import CpioWriter
 from .kernel import _read_module
+from .relay_binary import RELAY_PATH, RELAY_STUB
 from .scripts import _ETC_FILES, _UDHCPC_SCRIPT, render_init
 
 
@@ -28,12 +29,14 @@ async def _write_initramfs(
     module_root: Path,
     release: str,
     modules: dict[str, Path],
+    relay: bytes | None = None,
 ) -> int:
-    """Assemble the initramfs tree in ``staging``, run depmod on it, archive it."""
+    """Assemble the initramfs tree in ``staging``, run depmod on it, archive it. ``relay`` is
+    the compiled relay (None: the guest gets the stub that only sleeps)."""
     _stage_modules(staging / "lib" / "modules" / release, module_root, modules)
     await _run([str(busybox), "depmod", "-b", str(staging), release])
     applets = (await _run([str(busybox), "--list-full"])).decode().split()
-    return _write_cpio(target, staging, busybox, applets)
+    return _write_cpio(target, staging, busybox, applets, relay)
 
 
 def _stage_modules(moddir: Path, module_root: Path, modules: dict[str, Path]) -> None:
@@ -50,7 +53,9 @@ def _stage_modules(moddir: Path, module_root: Path, modules: dict[str, Path]) ->
     shutil.copyfile(module_root / "modules.builtin", moddir / "modules.builtin")
 
 
-def _write_cpio(target: Path, staging: Path, busybox: Path, applets: list[str]) -> int:
+def _write_cpio(
+    target: Path, staging: Path, busybox: Path, applets: list[str], relay: bytes | None = None
+) -> int:
     """Write the initramfs archive; return its size in bytes."""
     with open(target, "wb") as file, CpioWriter(file) as cpio:
         made: set[str] = set()
@@ -80,6 +85,7 @@ def _write_cpio(target: Path, staging: Path, busybox: Path, applets: list[str]) 
                     cpio.symlink(applet, "/bin/busybox")
         cpio.file("init", render_init().encode(), mode=0o755)
         cpio.file(SHELL_AGENT_PATH.lstrip("/"), SHELL_AGENT_SCRIPT.encode(), mode=0o755)
+        cpio.file(RELAY_PATH.lstrip("/"), RELAY_STUB if relay is None else relay, mode=0o755)
         cpio.file("etc/udhcpc/default.script", _UDHCPC_SCRIPT.encode(), mode=0o755)
         for name, text in _ETC_FILES.items():
             cpio.file(name, text.encode())

@@ -38,6 +38,8 @@ GUEST_MODULES: Final = (
     "9pnet_virtio",
     "9p",
     "vmw_vsock_virtio_transport",
+    "ext4",
+    "crc32c_generic",
 )
 """Modules put into the initramfs, with everything they depend on (found at build time
 from each module's ``depends=``). A name the kernel has built in is simply not needed."""
@@ -53,8 +55,9 @@ BOOT_MODULES: Final = (
     "9p",
     "vmw_vsock_virtio_transport",
 )
-"""Modules ``/init`` loads at boot (failures ignored); add more with ``trio.modules=a,b``
-on the kernel command line or ``modprobe`` in the guest."""
+"""The drivers ``/init`` may load at boot: ``virtio_pci``, then each other one only when its
+device is present (failures ignored), since a module costs tens of milliseconds under TCG;
+add more with ``trio.modules=a,b`` on the kernel command line or ``modprobe`` in the guest."""
 
 #: Modules the guest modules above are known to need on Debian 12's kernel, extracted in the
 #: first pass so the dependency closure is normally complete without a second one.
@@ -70,6 +73,9 @@ _LIKELY_DEPENDENCIES: Final = (
     "fscache",
     "vsock",
     "vmw_vsock_virtio_transport_common",
+    "jbd2",
+    "mbcache",
+    "crc16",
 )
 
 #: How many extraction passes may chase missing dependencies before the build gives up.

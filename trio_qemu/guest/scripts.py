@@ -19,9 +19,10 @@ import re
 from collections.abc import Mapping
 from typing import Final
 
-from .._config import AGENT_PORT_NAME, SHELL_PORT_NAME
+from .._config import AGENT_PORT_NAME, RELAY_PORT_NAME, SHELL_PORT_NAME
 from .._shell import SHELL_AGENT_PATH, SHELL_AGENT_SCRIPT
 from .kernel import BOOT_MODULES, GUEST_MODULES
+from .relay_binary import RELAY_PATH, relay_digest
 
 __all__ = ["AGENT_WRAPPER_PATH", "INIT_SCRIPT", "READY_MARKER", "render_init"]
 
@@ -70,7 +71,13 @@ INIT_SCRIPT: Final = _read("init.sh")
 _UDHCPC_SCRIPT: Final = _read("udhcpc.sh")
 
 _INITTAB: Final = _render(
-    "inittab", {"SHELL_AGENT_PATH": SHELL_AGENT_PATH, "SHELL_PORT": SHELL_PORT_NAME}
+    "inittab",
+    {
+        "SHELL_AGENT_PATH": SHELL_AGENT_PATH,
+        "SHELL_PORT": SHELL_PORT_NAME,
+        "RELAY_PATH": RELAY_PATH,
+        "RELAY_PORT": RELAY_PORT_NAME,
+    },
 )
 
 _ETC_FILES: Final = {
@@ -89,10 +96,11 @@ def render_init() -> str:
 
 
 def _script_digest() -> str:
-    """A short hash of everything the plain guest gets besides the packages."""
+    """A short hash of everything the plain guest gets besides the packages (the relay's
+    source, and whether it can be compiled here, included)."""
     return _digest(
         INIT_SCRIPT, SHELL_AGENT_SCRIPT, _UDHCPC_SCRIPT, repr(sorted(_ETC_FILES.items())),
-        repr(GUEST_MODULES), repr(BOOT_MODULES), READY_MARKER,
+        repr(GUEST_MODULES), repr(BOOT_MODULES), READY_MARKER, relay_digest(),
     )  # fmt: skip
 
 

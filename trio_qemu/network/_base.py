@@ -14,7 +14,6 @@ import logging
 import re
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -22,7 +21,7 @@ from .._config import MachineConfig
 from .._errors import NetworkError
 from .._machine import Machine
 from .._openers import open_machines
-from .._util import ClosesOnExit
+from .._util import ClosesOnExit, protected_asynccontextmanager
 from ..snapshot._clone import RESTORE_TIMEOUT, check_bound, restore_all
 from ..snapshot._template import Template, TemplateError, clone_ram_path
 from .addressing import (
@@ -346,7 +345,7 @@ class _Network(ClosesOnExit):
                 end.close()
             self._template_ends = []
 
-    @asynccontextmanager
+    @protected_asynccontextmanager
     async def open_machines(self, *configs: MachineConfig) -> AsyncIterator[list[Machine]]:
         """:func:`trio_qemu.open_machines` that releases these configs' fds once all the
         machines have started (see :meth:`release`). Launch errors, timeouts and teardown
@@ -401,7 +400,7 @@ class _Network(ClosesOnExit):
                 f"{result.returncode}): {output[-2000:]}"
             )
 
-    @asynccontextmanager
+    @protected_asynccontextmanager
     async def open_clones(
         self,
         template: Template,

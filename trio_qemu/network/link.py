@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Self
 
 from .._errors import NetworkError
+from .._util import protected_asynccontextmanager
 from ._base import _Network
 
 __all__ = ["Link"]
@@ -58,7 +58,7 @@ class Link(_Network):
             end.close()  # an end never attached (a link with one machine)
         self._ends = []
 
-    @asynccontextmanager
+    @protected_asynccontextmanager
     async def running(self) -> AsyncIterator[Self]:
         """The link for the block; closed on leaving (a link has no task to run, this is
         for symmetry with :meth:`Switch.running`)."""

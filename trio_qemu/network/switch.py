@@ -19,7 +19,6 @@ import random
 import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Iterable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, Literal, Self, TypeAlias
 
@@ -28,7 +27,7 @@ import trio
 from .._config import MachineConfig
 from .._errors import NetworkError
 from .._machine import Machine
-from .._util import open_service_nursery
+from .._util import open_service_nursery, protected_asynccontextmanager
 from ._base import _Network
 from .addressing import PortRef, _lookup, _port_name
 from .pcap import DEFAULT_MAX_BYTES, DEFAULT_SNAPLEN, PcapWriter
@@ -390,7 +389,7 @@ class Switch(_Network):
             self._nursery = None
             self.close()
 
-    @asynccontextmanager
+    @protected_asynccontextmanager
     async def running(self) -> AsyncIterator[Self]:
         """Run the switch for the block; on leaving (any way), stop it and close every fd.
 

@@ -20,13 +20,21 @@ inherits as the ``qtest`` chardev::
 
 How the channel works:
 
-- One reader task owns the receiving side. Reply lines are matched to requests in order;
-  IRQ lines update :meth:`QtestMachine.get_irq` and go to every IRQ subscription (each a
-  bounded channel: a full one drops the event and counts it, it never stalls the reader).
-  An IRQ line QEMU sent before a reply is handled before that reply's caller resumes.
+- A reader task reads whatever QEMU sends, whenever it sends it; a request that finds data
+  already there right after sending its line (QEMU often answers that fast) reads it
+  itself rather than wait for the reader to wake up. Every read is handled in full before
+  anything else runs, so lines are handled in wire order whoever read them. Reply lines
+  are matched to requests in order; IRQ lines update :meth:`QtestMachine.get_irq` and go
+  to every IRQ subscription (each a bounded channel: a full one drops the event and counts
+  it, it never stalls the reader). An IRQ line QEMU sent before a reply is handled before
+  that reply's caller resumes.
 - Sending is serialised by a lock, and the reply slot is queued under the same lock, so
   requests go out whole and in the order their replies come back. Concurrent callers
   pipeline (at most :data:`MAX_IN_FLIGHT` requests are outstanding).
+- Timeouts: the reader task's cancel scope has the earliest deadline of the requests
+  waiting for replies; when it passes, the reader times those requests out
+  (:class:`QtestTimeout`) and goes on. So a request needs no cancel scope of its own; one
+  that must wait for a slot or for another sender uses one.
 - A caller cancelled or timed out after its line went out leaves its slot behind, marked
   abandoned: the late reply is recognised and dropped, and the channel stays in step.
 - QEMU's qtest server *aborts the whole VM* on a malformed line (a missing argument, a bad

@@ -6,8 +6,9 @@ lines QEMU sends at any time; :class:`~trio_qemu.qtest.QtestMachine` builds the 
 typed API on top of it. Also here: what an IRQ line becomes (:class:`IrqEvent`) and where it
 goes (:class:`IrqSubscription`).
 
-How it keeps requests and replies in step (one reader, a send lock, abandoned slots whose
-late replies are dropped) is told in :mod:`trio_qemu.qtest`. The checks QEMU's own parser
+How it keeps requests and replies in step (a reader task, requests that take a reply
+already there, a send lock, the reader's timer, abandoned slots whose late replies are
+dropped) is told in :mod:`trio_qemu.qtest`. The checks QEMU's own parser
 cannot express (is this path a device? does this GPIO exist? does the machine have a CPU?)
 are made here, through QMP, after :mod:`~trio_qemu.qtest.protocol` checked the line.
 """
@@ -26,7 +27,6 @@ from qemu.qmp import ExecuteError
 
 from .._errors import QtestError, QtestInvalidRequest, QtestProtocolError, QtestTimeout, copy_error
 from .._machine import Machine
-from .._transport import read_fd
 from .._util import EOF_GRACE, BoundedStream, LineSplitter
 from .protocol import MAX_TRANSFER, _parse_number
 
@@ -40,6 +40,9 @@ wait for a slot). Abandoned requests count until their late reply arrives."""
 
 _MAX_LINE: Final = 2 * MAX_TRANSFER + 64
 """The longest reply line accepted (a hex ``read`` of :data:`MAX_TRANSFER` bytes)."""
+
+_READ_SIZE: Final = 65536
+"""Bytes per read from the socket."""
 
 _Deadline = float
 
@@ -85,16 +88,34 @@ class IrqSubscription(BoundedStream[IrqEvent]):
 class _Pending:
     """One request awaiting its reply, in the order it was sent."""
 
-    __slots__ = ("abandoned", "done", "error", "queued", "reply")
+    __slots__ = ("_event", "abandoned", "deadline", "done", "error", "queued", "reply")
 
-    def __init__(self) -> None:
-        self.done = trio.Event()
+    def __init__(self, deadline: _Deadline) -> None:
+        self.deadline = deadline
+        #: answered, failed or timed out (see :meth:`finish`)
+        self.done = False
+        #: made only when the caller has to wait (a reply taken at once needs none)
+        self._event: trio.Event | None = None
         #: in the reply queue (its line is going out): the reader owns its in-flight slot
         self.queued = False
         self.reply: str | None = None
         self.error: BaseException | None = None
         #: the caller left (cancelled, timed out): drop the reply when it comes
         self.abandoned = False
+
+    def finish(self) -> None:
+        """Mark the request finished and wake its caller if it waits."""
+        self.done = True
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> None:
+        """Wait until :meth:`finish` (a checkpoint either way)."""
+        if self._event is None:
+            self._event = trio.Event()
+            if self.done:
+                self._event.set()
+        await self._event.wait()
 
 
 def _short(line: str, limit: int = 80) -> str:
@@ -117,9 +138,14 @@ class _QtestChannel:
         self._send_lock = trio.StrictFIFOLock()
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._pending: deque[_Pending] = deque()
+        # The reader task's cancel scope, whose deadline is at or before the earliest pending
+        # request's: the reader times requests out, so a request on the fast path needs no
+        # cancel scope of its own (one per request cost ~20% of a round trip). None while the
+        # reader task is not inside it.
+        self._timer: trio.CancelScope | None = None
         self._error: BaseException | None = None
         self._orderly = False
-        self._yield_first = False
+        self._splitter = LineSplitter(_MAX_LINE, self._line_too_long)
         self._irq_levels: dict[int, bool] = {}
         self._irq_changed = trio.Event()
         self._irq_subscriptions: set[IrqSubscription] = set()
@@ -140,11 +166,25 @@ class _QtestChannel:
         return trio.current_time() + (self.timeout if timeout is None else timeout)
 
     async def _request(self, line: str, memory: bool, deadline: _Deadline) -> str:
-        """Send a line known to be well-formed; return its ``OK`` value or raise."""
-        self._raise_error()
-        if memory:
+        """Send a line known to be well-formed; return its ``OK`` value or raise.
+
+        The fast path (:meth:`_exchange`) needs the reader task running, a free slot, nobody
+        else sending and time left; anything else goes through :meth:`_roundtrip`.
+        """
+        if self._error is not None:
+            await trio.lowlevel.checkpoint()
+            self._raise_error()
+        if memory and not self._has_cpu:
             await self._check_cpu(line, deadline)
-        reply = await self._roundtrip(line, deadline)
+        if self._timer is None or self._send_lock.locked() or trio.current_time() >= deadline:
+            reply = await self._roundtrip(line, deadline)
+        else:
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                reply = await self._roundtrip(line, deadline)
+            else:
+                reply = await self._exchange(line, deadline)
         if reply == "OK":
             return ""
         if reply.startswith("OK "):
@@ -152,25 +192,54 @@ class _QtestChannel:
         status, _, reason = reply.partition(" ")
         raise QtestError(line, status, reason)
 
-    async def _roundtrip(self, line: str, deadline: _Deadline) -> str:
-        """Send ``line`` and wait for its reply line, keeping the channel in step."""
-        data = (line + "\n").encode("ascii")
-        slot = _Pending()
-        with trio.move_on_at(deadline):
-            try:  # no checkpoint on the fast path: the reply wait below is the checkpoint
-                self._slots.acquire_nowait()
-            except trio.WouldBlock:
-                await self._slots.acquire()
+    # Protected from KeyboardInterrupt so that a Ctrl-C lands only at its awaits, never
+    # between taking a slot, queueing it and writing its line (the channel would lose step).
+    @trio.lowlevel.enable_ki_protection
+    async def _exchange(self, line: str, deadline: _Deadline) -> str:
+        """The fast path, with a slot already taken: no cancel scope of our own (the
+        reader's timer times the request out) and, often, no wait for the reader either.
+
+        A checkpoint: a cancel point before anything is sent, a schedule point after.
+        """
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            self._slots.release()
+            raise
+        slot = _Pending(deadline)
+        self._send_lock.acquire_nowait()
+        try:
+            self._pending.append(slot)
+            slot.queued = True
+            data = (line + "\n").encode("ascii")
             try:
-                if trio.current_time() >= deadline:  # e.g. timeout=0: never send
-                    await trio.sleep_forever()  # the expired scope ends it at once
-                await self._send(data, slot, deadline)
-                await slot.done.wait()
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                await self._send_failed(exc)
+            if sent < len(data):
+                await self._send_rest(data[sent:], deadline)
+        finally:
+            self._send_lock.release()
+        # QEMU often answers while we are still here: take the reply ourselves rather than
+        # wait for the reader task to wake up and hand it over.
+        self._read_now()
+        if slot.done:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            timer = self._timer  # the reader may have moved on while we sent
+            if timer is not None and deadline < timer.deadline:
+                timer.deadline = deadline
+            try:
+                await slot.wait()
             finally:
-                if not slot.queued:
-                    self._slots.release()  # never queued: the reader will not release it
-                elif not slot.done.is_set():
+                if not slot.done:
                     slot.abandoned = True
+        return self._reply(slot, line)
+
+    def _reply(self, slot: _Pending, line: str) -> str:
+        """The reply of a finished slot, or the reason it has none (raised)."""
         if slot.error is not None:
             raise copy_error(slot.error)
         if slot.reply is None:
@@ -180,39 +249,44 @@ class _QtestChannel:
             raise QtestTimeout(f"{self.name}: no reply to qtest {_short(line)!r} in time{late}")
         return slot.reply
 
+    async def _roundtrip(self, line: str, deadline: _Deadline) -> str:
+        """Send ``line`` and wait for its reply line under a cancel scope of our own (the
+        slow path: no reader timer, no free slot, or someone else sending)."""
+        data = (line + "\n").encode("ascii")
+        slot = _Pending(deadline)
+        with trio.move_on_at(deadline):
+            try:  # no checkpoint when a slot is free: the reply wait below is the checkpoint
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                await self._slots.acquire()
+            try:
+                if trio.current_time() >= deadline:  # e.g. timeout=0: never send
+                    await trio.sleep_forever()  # the expired scope ends it at once
+                await self._send(data, slot, deadline)
+                await slot.wait()
+            finally:
+                if not slot.queued:
+                    self._slots.release()  # never queued: the reader will not release it
+                elif not slot.done:
+                    slot.abandoned = True
+        return self._reply(slot, line)
+
     async def _send(self, data: bytes, slot: _Pending, deadline: _Deadline) -> None:
         """Queue ``slot`` and send ``data`` as one unit: the slot joins the reply queue only
         under the send lock, right before its line goes out, so queue order is wire order.
 
-        The fast path writes at once with no scheduler round trip. Otherwise the send is
-        shielded (a cancel must not leave half a line on the wire) but still ends at
-        ``deadline``; a send that stalls that long breaks the channel.
+        The send is shielded (a cancel must not leave half a line on the wire) but still
+        ends at ``deadline``; a send that stalls that long breaks the channel.
         """
         if self._error is not None:
             await trio.lowlevel.checkpoint()
             self._raise_error()
-        if not self._send_lock.locked():
-            self._send_lock.acquire_nowait()
-            try:
-                self._pending.append(slot)
-                slot.queued = True
-                try:
-                    sent = os.write(self._fd, data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    await self._send_failed(exc)
-                if sent < len(data):
-                    await self._send_rest(data[sent:], deadline)
-            finally:
-                self._send_lock.release()
-        else:
-            async with self._send_lock:
-                if self._error is not None:
-                    self._raise_error()
-                self._pending.append(slot)
-                slot.queued = True
-                await self._send_rest(data, deadline)
+        async with self._send_lock:
+            if self._error is not None:
+                self._raise_error()
+            self._pending.append(slot)
+            slot.queued = True
+            await self._send_rest(data, deadline)
 
     async def _send_rest(self, data: bytes, deadline: _Deadline) -> None:
         failure: BaseException | None = None
@@ -307,37 +381,90 @@ class _QtestChannel:
     async def _run_reader(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Read lines until EOF: replies to their requests, IRQ lines to the levels and the
         subscriptions. Never raises for a bad peer: the error goes to every pending and
-        later request instead."""
+        later request instead.
+
+        Requests also read (:meth:`_read_now`): every read is handled in full before
+        anything else runs, so lines are handled in wire order whoever read them.
+        """
         task_status.started()
-        splitter = LineSplitter(_MAX_LINE, self._line_too_long)
-        lines = splitter.lines
+        fd = self._fd
         try:
-            while True:
-                data = await self._receive()
-                if not data:
-                    await self._on_eof()
-                    return
-                splitter.feed(data)
-                while lines:
-                    self._dispatch(lines.popleft())
-        except QtestProtocolError as exc:
-            log.warning("%s", exc)
-            self._fail(exc)
+            at_eof = False
+            while not at_eof and self._error is None:
+                # Runs until EOF or the earliest pending request's deadline; then that
+                # request (and any other overdue one) is timed out and the reader goes on.
+                with trio.CancelScope(deadline=self._earliest_deadline()) as self._timer:
+                    while self._error is None:
+                        try:
+                            data = os.read(fd, _READ_SIZE)
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_readable(fd)
+                            continue
+                        if not data:
+                            at_eof = True
+                            break
+                        self._take(data)
+                        # Let the callers just answered run (and send their next requests)
+                        # before reading again; the cancel point while data keeps coming.
+                        await trio.lowlevel.checkpoint()
+                self._timer = None
+                self._expire(trio.current_time())
+            if at_eof:
+                await self._on_eof()
         except OSError as exc:  # ECONNRESET and the like: QEMU is gone
+            self._timer = None
             await self._on_eof(exc)
         except Exception as exc:  # a bug of ours: fail the channel, never the block
-            log.exception("%s: the qtest reader failed", self.name)
-            error = QtestProtocolError(f"{self.name}: the qtest reader failed: {exc!r}")
-            error.__cause__ = exc
-            self._fail(error)
+            self._timer = None
+            self._reader_failed(exc)
+        finally:
+            self._timer = None
+
+    def _read_now(self) -> None:
+        """Handle what QEMU has sent so far, without waiting. EOF and socket errors are
+        left to the reader task, which meets them on its next read."""
+        try:
+            data = os.read(self._fd, _READ_SIZE)
+        except OSError:
+            return
+        if data:
+            self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        """Split ``data`` into lines and handle them; a bad line fails the channel."""
+        lines = self._splitter.lines
+        try:
+            self._splitter.feed(data)
+            while lines:
+                self._dispatch(lines.popleft())
+        except QtestProtocolError as exc:
+            lines.clear()
+            log.warning("%s", exc)
+            self._fail(exc)
+        except Exception as exc:  # a bug of ours: fail the channel, never the block
+            lines.clear()
+            self._reader_failed(exc)
+
+    def _reader_failed(self, exc: Exception) -> None:
+        log.exception("%s: the qtest reader failed", self.name)
+        error = QtestProtocolError(f"{self.name}: the qtest reader failed: {exc!r}")
+        error.__cause__ = exc
+        self._fail(error)
+
+    def _earliest_deadline(self) -> _Deadline:
+        """The earliest deadline of a request still waiting for its reply (inf: none)."""
+        return min((s.deadline for s in self._pending if not s.abandoned), default=math.inf)
+
+    def _expire(self, now: _Deadline) -> None:
+        """Time out the requests whose deadline has passed: their callers raise
+        QtestTimeout, and their slots stay queued (abandoned) until the late reply comes."""
+        for slot in self._pending:
+            if not slot.abandoned and slot.deadline <= now:
+                slot.abandoned = True
+                slot.finish()
 
     def _line_too_long(self, head: bytes) -> NoReturn:
         raise QtestProtocolError(f"{self.name}: a qtest line longer than {_MAX_LINE} bytes", head)
-
-    async def _receive(self) -> bytes:
-        """One read from the socket; right after waking a caller, let it run first."""
-        yield_first, self._yield_first = self._yield_first, False
-        return await read_fd(self._fd, yield_first=yield_first)
 
     def _dispatch(self, raw: bytes) -> None:
         try:
@@ -359,8 +486,7 @@ class _QtestChannel:
             log.debug("%s: discarded the late reply %r", self.name, _short(line))
             return
         slot.reply = line
-        slot.done.set()
-        self._yield_first = True
+        slot.finish()
 
     def _on_irq(self, line: str, raw: bytes) -> None:
         words = line.split(" ")
@@ -402,11 +528,13 @@ class _QtestChannel:
         while self._pending:
             slot = self._pending.popleft()
             slot.error = error
-            slot.done.set()
+            slot.finish()
             self._slots.release()
         for subscription in tuple(self._irq_subscriptions):
             subscription._send.close()
         self._irq_changed.set()
+        if self._timer is not None:
+            self._timer.cancel()  # the reader task stops
 
     def _close(self) -> None:
         """End the channel because its block ended: later requests raise "closed", IRQ

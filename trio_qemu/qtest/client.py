@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
 from typing import Any, Final, Literal
 
 import trio
@@ -20,7 +19,7 @@ from .._config import MachineConfig
 from .._errors import QtestError, QtestInvalidRequest, QtestProtocolError, QtestTimeout
 from .._openers import open_machine
 from .._transport import socketpair_stream
-from .._util import open_service_nursery
+from .._util import open_service_nursery, protected_asynccontextmanager
 from .channel import IrqSubscription, _QtestChannel
 from .protocol import _INT, _U64_MAX, COMMANDS, MAX_TRANSFER, check_line
 
@@ -383,7 +382,7 @@ def _config(config: MachineConfig | None, fields: Mapping[str, Any]) -> MachineC
     return base
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def open_qtest_machine(
     config: MachineConfig | None = None, /, **fields: Any
 ) -> AsyncIterator[QtestMachine]:

@@ -6,7 +6,6 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import trio
@@ -16,6 +15,7 @@ from .._config import MachineConfig
 from .._errors import MachineError, MachineExited
 from .._machine import Machine
 from .._openers import open_machine, open_machines
+from .._util import protected_asynccontextmanager
 from ._steps import command, drop_fd, fdname, follow, give_fd, set_capabilities
 from ._template import Template, TemplateError, unbound_fds
 
@@ -160,7 +160,7 @@ async def _sync_guest(vm: Machine, timeout: float, *, sync: bool, setup: str | N
         raise TemplateError(f"{vm.name}: the guest {what} after the restore failed: {exc}") from exc
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def open_clone(
     template: Template,
     *,
@@ -197,7 +197,7 @@ async def open_clone(
         yield vm
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def open_clones(
     template: Template,
     n: int,

@@ -16,7 +16,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,6 +26,7 @@ from .._config import MachineConfig
 from .._machine import Machine
 from .._openers import open_machine
 from .._tempdirs import create_machine_dir, remove_machine_dir
+from .._util import protected_asynccontextmanager
 from ..guest.image import default_cache_dir
 from ._steps import command, drop_fd, error_desc, fdname, follow, give_fd, set_capabilities
 from ._template import (
@@ -325,7 +325,7 @@ async def _ensure_locked(
     return template
 
 
-@asynccontextmanager
+@protected_asynccontextmanager
 async def _locked(path: Path, report: Progress, tkey: str) -> AsyncIterator[None]:
     """Hold an exclusive ``flock`` on ``path`` for the block (polled: see ensure_template)."""
     fd = await _acquire(path, report, tkey)
@@ -408,7 +408,7 @@ def _check_timeout(timeout: float) -> None:
 
 
 # -- a template for one block ------------------------------------------------------------------
-@asynccontextmanager
+@protected_asynccontextmanager
 async def open_template(
     config: MachineConfig,
     *,

@@ -35,10 +35,10 @@ done
 # finds the process group (from the K handler, or from here once the pid is recorded).
 worker() {
     id=$1 max=$2 d=$3
-    cmd=$(base64 -d "$d/cmd")
     in=/dev/null
     [ -e "$d/in" ] && in=$d/in
-    setsid sh -c '[ -e "$1" ] && exit 137; exec sh -c "$2"' sh "$d/kill" "$cmd" \
+    # The session's shell sources the command's file ($0), with no arguments left.
+    setsid sh -c '[ -e "$1" ] && exit 137; set --; . "$0"' "$d/cmd" "$d/kill" \
         <"$in" >"$d/out" 2>"$d/err" 3>&- 4>&- &
     pid=$!
     echo "$pid" >"$d/pid"
@@ -58,7 +58,12 @@ writer() {
             ;;
         R)
             d=$work/$id
-            set -- $(stat -c %s "$d/out" "$d/err" 2>/dev/null) 0 0
+            # stat is a process of its own: only when there is output to measure.
+            if [ -s "$d/out" ] || [ -s "$d/err" ]; then
+                set -- $(stat -c %s "$d/out" "$d/err" 2>/dev/null) 0 0
+            else
+                set -- 0 0
+            fi
             if [ $(($1 + $2)) -gt "$max" ]; then
                 printf '#X %s %s %s %s\n' "$id" "$rc" "$1" "$2"
             else
@@ -106,7 +111,8 @@ while :; do
             dd bs=65536 count=$(($4 + 1)) iflag=count_bytes,fullblock <&3 2>/dev/null |
                 base64 -d >"$d/in" 2>/dev/null
         fi
-        if [ "$5" = - ]; then true >"$d/cmd"; else echo "$5" >"$d/cmd"; fi
+        # printf is a built-in: the command's file is written without a new process.
+        if [ "$5" = - ]; then true >"$d/cmd"; else printf '%b' "$5" >"$d/cmd"; fi
         worker "$2" "$3" "$d" &
         ;;
     K)
