@@ -75,6 +75,14 @@ class Trial:
     error: str = ""
 
 
+# The scenarios play a program whose own frames are KI-protected, so Trio delivers Ctrl-C at
+# a checkpoint. An unprotected frame can take a KeyboardInterrupt at any bytecode, including
+# the one between an ``async with``'s ``__aenter__`` returning and its block starting, where
+# CPython never calls ``__aexit__``: the context manager (ours, or Trio's own nursery) is
+# then abandoned and Trio fails the run with TrioInternalError. No library can close that
+# window in its caller's frame; everything from ``__aenter__`` to ``__aexit__`` is ours and
+# protected (``_util.protected_asynccontextmanager``).
+@trio.lowlevel.enable_ki_protection
 async def _one_machine(trial: Trial) -> None:
     async with trio_qemu.open_machine(machine="none", base_temp_dir=trial.base) as vm:
         assert vm.pid is not None
@@ -86,6 +94,7 @@ async def _one_machine(trial: Trial) -> None:
         await vm.cmd("cont")
 
 
+@trio.lowlevel.enable_ki_protection
 async def _two_machines(trial: Trial) -> None:
     configs = [
         trio_qemu.MachineConfig(machine="none", name=f"m{i}", base_temp_dir=trial.base)
