@@ -32,7 +32,6 @@ a speed.
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import selectors
 import signal
@@ -59,6 +58,7 @@ from _common import (
 
 import trio_qemu
 from trio_qemu import ChannelFds, GuestImage, MachineConfig
+from trio_qemu._shell_protocol import encode_run
 from trio_qemu.guest import READY_MARKER
 
 NAME = "boot"
@@ -81,14 +81,15 @@ class Boot:
 
 def _request(rid: bytes) -> tuple[bytes, bytes]:
     """A raw ``R`` request running ``true`` and the start of its ``#E`` line."""
-    command = base64.b64encode(b"true")
+    command, _stdin = encode_run("true", None)
     return b"\nR %s 1048576 0 %s %s\n" % (rid, command, rid), b"#E %s " % rid
 
 
 # -- raw -----------------------------------------------------------------------------------
 def raw_boot(config: MachineConfig, round_trips: int) -> Boot:
+    channels = ("monitor", "console", "shell", *(("relay",) if config.relay else ()))
     pairs = {name: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-             for name in ("monitor", "console", "shell")}  # fmt: skip
+             for name in channels}  # fmt: skip
     ours = {name: pair[0] for name, pair in pairs.items()}
     theirs = [pair[1] for pair in pairs.values()]
     argv = config.argv(ChannelFds(**{name: pair[1].fileno() for name, pair in pairs.items()}))
