@@ -61,12 +61,12 @@ from .snapshot import open_template as open_template
 from .block import Drive as Drive
 from .block import Job as Job
 from .block import JobInfo as JobInfo
-from ._errors import BlockError as BlockError
-from ._errors import BlockTimeout as BlockTimeout
-from ._errors import JobError as JobError
-from ._errors import JobTimeout as JobTimeout
-from ._errors import ImageError as ImageError
-from ._errors import ImageTimeout as ImageTimeout
+from .block._errors import BlockError as BlockError
+from .block._errors import BlockTimeout as BlockTimeout
+from .block._errors import JobError as JobError
+from .block._errors import JobTimeout as JobTimeout
+from .block._errors import ImageError as ImageError
+from .block._errors import ImageTimeout as ImageTimeout
 
 # -- Errors (the tree is drawn in trio_qemu._errors) ---------------------------------
 from ._errors import MachineError as MachineError

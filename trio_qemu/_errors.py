@@ -1,6 +1,8 @@
 """The exceptions trio_qemu raises.
 
-Every error a user sees is a :class:`MachineError` (or ``qemu.qmp.ExecuteError`` for a
+The disk errors (``BlockError``, ``JobError``, ``ImageError`` and their timeouts) live with
+the disks, in ``trio_qemu/block/_errors.py``; the tree shows them all. Every error a user sees
+is a :class:`MachineError` (or ``qemu.qmp.ExecuteError`` for a
 command QEMU refused; or a bare ``KeyboardInterrupt`` for Ctrl-C, never wrapped in a group).
 Protocol errors also derive from ``qemu.qmp``'s own classes, so code written against
 ``qemu.qmp`` keeps catching them. Every ``...Timeout`` is also a ``TimeoutError``::
@@ -73,8 +75,6 @@ __all__ = [
     "AbnormalShutdown",
     "AgentError",
     "AgentTimeout",
-    "BlockError",
-    "BlockTimeout",
     "ConsoleClosed",
     "ConsoleError",
     "ConsoleFailure",
@@ -87,11 +87,7 @@ __all__ = [
     "GuestConnectionRefused",
     "GuestStreamBroken",
     "GuestWaitTimeout",
-    "ImageError",
-    "ImageTimeout",
     "InvariantViolated",
-    "JobError",
-    "JobTimeout",
     "LaunchError",
     "MachineError",
     "MachineExited",
@@ -643,90 +639,3 @@ class AgentError(MachineError):
 class AgentTimeout(AgentError, QMPTimeout):
     """A guest agent operation outlived its ``timeout`` (the agent never came up, or a
     command run with ``exec`` did not finish; that command was killed)."""
-
-
-class BlockError(MachineError):
-    """QEMU refused a block command, or a block wait ran out of time.
-
-    Raised by the disk and block-job methods of a machine (``blockdev_add``, ``device_add``,
-    ``device_del``, the tray and medium methods, a job's start). ``command`` is the QMP
-    command, ``desc`` QEMU's own error text (empty when nothing was refused), and the
-    ``qemu.qmp.ExecuteError`` is the ``__cause__``. QEMU runs on unharmed.
-    """
-
-    def __init__(self, message: str, *, command: str = "", desc: str = "") -> None:
-        self.command = command
-        self.desc = desc
-        super().__init__(message)
-
-
-class BlockTimeout(BlockError, TimeoutError):
-    """A block wait (``device_del`` for ``DEVICE_DELETED``, a tray for
-    ``DEVICE_TRAY_MOVED``) ran out of time; the request stays with QEMU (and the guest)."""
-
-
-class JobError(BlockError):
-    """A block job failed, was cancelled by someone else, could not start, or refused a verb.
-
-    ``job_id`` is the job, ``status`` its last known status (``"null"`` once it is gone),
-    ``desc`` QEMU's text (the job's error, ``"Operation canceled"``, or the refusal:
-    ``Job 'job0' in state 'running' cannot accept command verb 'complete'``) and ``verb``
-    the refused verb or command (else None). When a job failed, trio_qemu has dismissed or
-    cancelled it: no job is left behind.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        job_id: str,
-        status: str | None = None,
-        desc: str = "",
-        verb: str | None = None,
-        command: str = "",
-    ) -> None:
-        self.job_id = job_id
-        self.status = status
-        self.verb = verb
-        super().__init__(message, command=command, desc=desc)
-
-
-class JobTimeout(JobError, TimeoutError):
-    """A block job did not finish (or reach the awaited status) in time; it was cancelled
-    (``job-cancel``, dismissed when needed) and waited for, so the machine stays usable."""
-
-
-class ImageError(MachineError):
-    """``qemu-img`` or ``qemu-io`` failed.
-
-    ``reason`` is the tool's own message (its last lines of error output), ``argv`` the
-    command line, ``returncode`` its exit status (None when it was killed on a timeout) and
-    ``output`` everything it wrote to stderr and stdout (the last 64 KiB at most).
-    """
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        argv: Sequence[str] = (),
-        returncode: int | None = None,
-        output: str = "",
-    ) -> None:
-        self.reason = reason
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.output = output
-        super().__init__(reason)
-
-    def __str__(self) -> str:
-        parts = [self.reason]
-        if self.returncode is not None:
-            parts.append(f"  exit status: {self.returncode}")
-        if self.argv:
-            parts.append(f"  command line: {' '.join(self.argv)}")
-        return "\n".join(parts)
-
-
-class ImageTimeout(ImageError, TimeoutError):
-    """``qemu-img`` or ``qemu-io`` outlived its timeout and was killed (an image it was
-    creating is removed)."""

@@ -42,7 +42,7 @@ import trio
 from qemu.qmp.models import Greeting
 
 from ._channels import Channels
-from ._config import RELAY_PORT_ID, SHELL_PORT_ID, MachineConfig, check_paths
+from ._config import SHELL_PORT_ID, MachineConfig, check_paths
 from ._console import Console
 from ._errors import (
     AbnormalShutdown,
@@ -53,8 +53,8 @@ from ._errors import (
     QMPConnectionClosed,
     QMPProtocolError,
     QMPTimeout,
-    RelayError,
 )
+from ._guest_channels import GuestChannels
 from ._invariants import Invariants
 from ._keys import KeyboardInput
 from ._monitor import MonitorCommands
@@ -96,7 +96,9 @@ class MachineState(enum.Enum):
     STOPPED = "stopped"
 
 
-class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPorts):
+class Machine(
+    GuestChannels, MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPorts
+):
     """One QEMU virtual machine. Get one from :func:`~trio_qemu.open_machine` or
     :func:`~trio_qemu.start_machine`.
 
@@ -228,72 +230,9 @@ class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPo
         """QEMU's QMP greeting (with its version)."""
         return self._qmp.greeting if self._qmp else None
 
-    @property
-    def shell(self) -> Shell:
-        """Commands in the guest over the dedicated shell channel (needs ``shell=True`` and a
-        guest that runs the trio_qemu guest agent, like :mod:`trio_qemu.guest`'s)."""
-        if self._shell is None:
-            stream = self.channel("shell")
-            self._shell = Shell(stream, name=f"{self.name}.shell", on_eof=self._on_qmp_eof)
-            self._shell.use_relay(lambda: self.relay)  # copies go through the relay
-            if self._state is MachineState.STOPPED or self.failure is not None:
-                self._shell.close(self.failure)
-        return self._shell
-
-    @property
-    def agent(self) -> GuestAgent:
-        """The QEMU guest agent over the agent channel (needs ``agent=True`` and a guest that
-        runs qemu-ga, like ``ensure_guest(agent=True)``'s). Its reader starts on first use;
-        calls wait for the agent to answer within their own timeouts."""
-        if self._agent is None:
-            agent = GuestAgent(
-                self.channel("agent"),
-                name=f"{self.name}.agent",
-                timeout=self.config.qmp_timeout,
-                on_eof=self._on_qmp_eof,
-                on_shutdown=self._agent_shutdown,
-            )
-            self._agent = agent
-            if self._state is MachineState.STOPPED or self.failure is not None or (
-                self._nursery is None
-            ):
-                agent.fail(self.failure)
-            else:
-                self._nursery.start_soon(self._service, agent.run)
-        return self._agent
-
-    @property
-    def relay(self) -> Relay:
-        """The relay channel (needs ``relay=True`` and a guest that runs the relay, like the
-        tiny guest's when it was built with a C compiler at hand): TCP streams into the
-        guest, forwarded ports, file copies."""
-        if self._relay is None:
-            if self.config.relay:
-                raise RelayError(f"{self.name}: not launched yet")
-            raise RelayError(
-                f"{self.name}: no relay channel: launch it with relay=True (the tiny guest's "
-                "config() does when the guest has the relay, built when a C compiler was found)"
-            )
-        return self._relay
-
-    def _agent_shutdown(self, mode: str) -> None:
-        """``guest-shutdown`` is being sent: when it will end QEMU, that exit is expected
-        (as after ``quit``), not reported as MachineExited."""
-        if mode == "powerdown" or (mode == "reboot" and "-no-reboot" in self.argv):
-            self.expect_exit("guest-shutdown")
-
-    def channel(self, name: str) -> trio.SocketStream:
-        """Our end of the ``shell``, ``agent`` or ``relay`` socketpair channel."""
-        if name not in ("shell", "agent", "relay"):
-            raise ValueError(
-                f"no such channel: {name!r} (the channels are shell, agent and relay)"
-            )
-        try:
-            return self._channels.ours[name]
-        except KeyError:
-            raise MachineError(
-                f"{self.name}: no {name} channel: launch it with {name}=True"
-            ) from None
+    def _unusable(self) -> bool:
+        """Whether a channel client made now must start closed (stopped, or failed)."""
+        return self._state is MachineState.STOPPED or self.failure is not None
 
     def __repr__(self) -> str:
         return f"<Machine {self.name} pid={self.pid} {self._state.value} rc={self.returncode}>"
@@ -384,15 +323,6 @@ class Machine(MonitorCommands, KeyboardInput, Invariants, BlockCommands, GuestPo
             if listener is not None:
                 listener.close()
             channels.close_theirs()  # if we failed before QEMU was spawned
-
-    async def _start_relay(self, nursery: trio.Nursery) -> None:
-        """The relay's reader and writer, and (with QMP) the watch on its port."""
-        relay = Relay(self.channel("relay"), name=f"{self.name}.relay", on_eof=self._on_qmp_eof)
-        self._relay = relay
-        await nursery.start(self._service, relay.run)
-        if self.config.qmp:  # QEMU says when the guest closes the relay port
-            events = self.subscribe("VSERPORT_CHANGE", match={"data": {"id": RELAY_PORT_ID}})
-            await nursery.start(self._service, relay.watch_port, events)
 
     @_ki_protected
     def _make_temp_dir(self) -> None:

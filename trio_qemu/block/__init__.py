@@ -32,9 +32,9 @@ The tiny guest sees disks too: ``image.config(disks=["data.qcow2"])`` gives it
 it (see :meth:`trio_qemu.guest.GuestImage.config`).
 """
 
-from .._errors import BlockError, BlockTimeout, ImageError, ImageTimeout, JobError, JobTimeout
 from .._util import publish as _publish
 from . import images
+from ._errors import BlockError, BlockTimeout, ImageError, ImageTimeout, JobError, JobTimeout
 from .drives import FDC_ID, INTERFACES, REMOVABLE_INTERFACES, SCSI_CONTROLLER_ID, Drive
 from .jobs import JOB_CLEANUP_TIMEOUT, JOB_EVENTS, JOB_STATUSES, JOB_TIMEOUT, Job, JobInfo
 from .nodes import DEVICE_TIMEOUT

@@ -18,7 +18,7 @@ from typing import Final
 
 import trio
 
-from .._errors import ImageError, ImageTimeout
+from ._errors import ImageError, ImageTimeout
 
 __all__ = ["MAX_OUTPUT", "ToolResult", "run_tool"]
 

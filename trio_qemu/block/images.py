@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .._errors import ImageError
+from ._errors import ImageError
 from ._run import ToolResult, run_tool
 
 __all__ = [

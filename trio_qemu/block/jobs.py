@@ -48,9 +48,10 @@ from typing import Any, Final
 import trio
 from qemu.qmp import ExecuteError
 
-from .._errors import EventsDropped, JobError, JobTimeout, MachineError, QMPConnectionClosed
+from .._errors import EventsDropped, MachineError, QMPConnectionClosed
 from .._events import QMPEvent, Subscription
 from .._util import protected_asynccontextmanager
+from ._errors import JobError, JobTimeout
 from ._monitor import Monitor, deadline_after, error_text
 
 __all__ = [

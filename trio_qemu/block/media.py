@@ -20,8 +20,8 @@ from typing import Any
 
 from qemu.qmp import ExecuteError
 
-from .._errors import BlockError, BlockTimeout
 from .._events import Subscription
+from ._errors import BlockError, BlockTimeout
 from ._monitor import Monitor, deadline_after, error_text, receive_until
 from .nodes import DEVICE_TIMEOUT
 

@@ -16,8 +16,8 @@ from typing import Any, Final
 
 from qemu.qmp import ExecuteError
 
-from .._errors import BlockError, BlockTimeout, ImageError
 from . import images
+from ._errors import BlockError, BlockTimeout, ImageError
 from ._monitor import Monitor, deadline_after, error_text, receive_until
 from .drives import Drive
 
