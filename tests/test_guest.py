@@ -146,10 +146,11 @@ def test_guest_image_config() -> None:
     assert (config.machine, config.memory, config.console, config.shell) == ("q35", 256, True, True)
     assert (config.kernel, config.initrd) == ("/k/vmlinux", "/k/initrd.cpio")
     assert config.append == image.append and "console=ttyS0" in image.append
-    assert tuple(config.args) == GUEST_ARGS == ("-nodefaults", "-no-reboot")
+    assert tuple(config.args) == GUEST_ARGS
+    assert GUEST_ARGS == ("-nodefaults", "-no-reboot", "-cpu", "qemu64,+rdrand")
     changed = image.config(memory=128, name="g1", args=[*GUEST_ARGS, "-nic", "none"])
     assert (changed.memory, changed.name) == (128, "g1")
-    assert changed.args == ("-nodefaults", "-no-reboot", "-nic", "none")
+    assert changed.args == (*GUEST_ARGS, "-nic", "none")
     with pytest.raises(TypeError, match="no field"):
         image.config(bogus=1)
 

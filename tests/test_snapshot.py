@@ -136,6 +136,23 @@ async def test_clones_have_what_prepare_made_and_then_diverge(
     census.check("after two clones")
 
 
+async def test_the_template_was_saved_with_the_guest_rng_seeded(
+    tiny_guest: GuestImage, cache_dir: Path, base: Path
+) -> None:
+    """With RDRAND (GUEST_ARGS) the kernel seeds its RNG before init runs; without it, it
+    gathers timer jitter for about a CPU-second after the shell is up, and every clone of a
+    template saved meanwhile would spend that second again."""
+    template = await guest_template(tiny_guest, cache_dir)
+    async with open_clone(template, base_temp_dir=base, sync_guest=False) as vm:
+        result = await vm.shell.run(
+            "grep -c rdrand /proc/cpuinfo; dmesg | grep -e 'crng init done' -e 'Run /init'",
+            check=True,
+        )
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "1", result
+    assert "crng init done" in lines[1] and "Run /init" in lines[2], result
+
+
 async def test_a_clone_migrates_like_any_machine(
     tiny_guest: GuestImage, cache_dir: Path, base: Path
 ) -> None:

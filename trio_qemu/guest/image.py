@@ -49,9 +49,13 @@ reboot at once on a panic, which ``-no-reboot`` turns into QEMU exiting, and no 
 the kernel's crypto algorithms (``cryptomgr.notests=1``: they were the largest single cost
 of the boot under TCG, ~0.4-0.8 s)."""
 
-GUEST_ARGS: Final = ("-nodefaults", "-no-reboot")
+GUEST_ARGS: Final = ("-nodefaults", "-no-reboot", "-cpu", "qemu64,+rdrand")
 """The extra QEMU arguments :meth:`GuestImage.config` gives: no default devices (they only
-slow the boot), and QEMU exits when the guest reboots, powers off or panics. Keep them when
+slow the boot), QEMU exits when the guest reboots, powers off or panics, and QEMU's default
+CPU model with ``RDRAND`` added. Without a hardware random source the guest kernel seeds its
+random number generator from timer jitter, which under TCG costs about a second of CPU after
+the shell is up (and in every clone of a template saved before it ended); with ``RDRAND``
+(which TCG answers from the host's ``getrandom``) it is seeded at once. Keep them when
 passing ``args=`` of your own: ``image.config(args=[*GUEST_ARGS, "-nic", "user"])``."""
 
 #: Temporary build directories older than this are left-overs of a killed build.
