@@ -53,9 +53,10 @@ async def restore(
     (so the clone can migrate like any machine), ``cont``. With ``sync_guest`` the guest is
     then told the host's time (its clock stood still since the template was saved) and
     given :data:`RNG_SEED_BYTES` fresh random bytes: through the guest shell (``date -s``
-    and a write to ``/dev/urandom``, one command) when the config has ``shell``, else
-    through the guest agent (``guest-set-time`` and the same write) when it has ``agent``,
-    else not at all. The clock is then right to about a second.
+    and the seed, as hex, echoed into ``/dev/urandom``: one command, one process) when the
+    config has ``shell``, else through the guest agent (``guest-set-time`` and a write of
+    the bytes) when it has ``agent``, else not at all. The clock is then right to about a
+    second.
 
     A restore that QEMU cannot do makes the clone's QEMU print why and exit; that exit is
     expected here (not a :class:`~trio_qemu.MachineExited`) and is reported as a
@@ -138,13 +139,17 @@ async def _sync_guest(vm: Machine, timeout: float, *, sync: bool, setup: str | N
         if vm.config.shell:
             # busybox date takes whole seconds: rounded, the clock is right to about 0.5 s
             # plus the time the command takes to start.
+            # The seed travels in the command line, as hex, written by the shell's built-in
+            # echo: no stdin to pass and no process but date's (each process costs tens of
+            # milliseconds in a fresh clone, whose code TCG translates afresh).
             lines = []
             if sync:
-                lines.append(f"date -u -s @{round(time.time())} >/dev/null && cat >/dev/urandom")
+                now = round(time.time())
+                lines.append(f"date -u -s @{now} >/dev/null && echo {seed.hex()} >/dev/urandom")
             if setup is not None:
                 lines.append(setup if not sync else f"{{ {setup}\n}}")
             line = " && ".join(lines)
-            await vm.shell.run(line, stdin=seed if sync else None, timeout=timeout, check=True)
+            await vm.shell.run(line, timeout=timeout, check=True)
         elif vm.config.agent:
             deadline = trio.current_time() + timeout
             if sync:
