@@ -21,6 +21,7 @@ from typing import Final
 
 from .._config import AGENT_PORT_NAME, RELAY_PORT_NAME, SHELL_PORT_NAME
 from .._shell import SHELL_AGENT_PATH, SHELL_AGENT_SCRIPT
+from .image import DEFAULT_APPEND
 from .kernel import BOOT_MODULES, GUEST_MODULES
 from .relay_binary import RELAY_PATH, relay_digest
 
@@ -97,10 +98,10 @@ def render_init() -> str:
 
 def _script_digest() -> str:
     """A short hash of everything the plain guest gets besides the packages (the relay's
-    source, and whether it can be compiled here, included)."""
+    source, and whether it can be compiled here, and the kernel command line included)."""
     return _digest(
         INIT_SCRIPT, SHELL_AGENT_SCRIPT, _UDHCPC_SCRIPT, repr(sorted(_ETC_FILES.items())),
-        repr(GUEST_MODULES), repr(BOOT_MODULES), READY_MARKER, relay_digest(),
+        repr(GUEST_MODULES), repr(BOOT_MODULES), READY_MARKER, relay_digest(), DEFAULT_APPEND,
     )  # fmt: skip
 
 
