@@ -147,7 +147,9 @@ def test_guest_image_config() -> None:
     assert (config.kernel, config.initrd) == ("/k/vmlinux", "/k/initrd.cpio")
     assert config.append == image.append and "console=ttyS0" in image.append
     assert tuple(config.args) == GUEST_ARGS
-    assert GUEST_ARGS == ("-nodefaults", "-no-reboot", "-cpu", "qemu64,+rdrand")
+    assert GUEST_ARGS == (
+        "-nodefaults", "-no-reboot", "-cpu", "qemu64,+rdrand", "-device", "vmgenid"
+    )  # fmt: skip
     changed = image.config(memory=128, name="g1", args=[*GUEST_ARGS, "-nic", "none"])
     assert (changed.memory, changed.name) == (128, "g1")
     assert changed.args == (*GUEST_ARGS, "-nic", "none")

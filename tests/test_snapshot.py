@@ -153,6 +153,23 @@ async def test_the_template_was_saved_with_the_guest_rng_seeded(
     assert "crng init done" in lines[1] and "Run /init" in lines[2], result
 
 
+async def test_each_clone_reseeds_its_rng_as_it_resumes(
+    tiny_guest: GuestImage, cache_dir: Path, base: Path
+) -> None:
+    """The VM generation ID (GUEST_ARGS) changes in every restore: the guest kernel reseeds
+    at once, before and without the host's sync, so two clones never share the template's
+    random state (here: their boot ids, made from the first random bytes each one draws)."""
+    template = await guest_template(tiny_guest, cache_dir)
+    probe = (
+        "dmesg | grep -c 'crng reseeded due to virtual machine fork'; "
+        "cat /proc/sys/kernel/random/boot_id"
+    )
+    async with open_clones(template, 2, base_temp_dir=base, sync_guest=False) as vms:
+        outputs = [(await vm.shell.run(probe, check=True)).stdout.split() for vm in vms]
+    assert [reseeds for reseeds, _ in outputs] == [b"1", b"1"], outputs
+    assert outputs[0][1] != outputs[1][1], outputs
+
+
 async def test_a_clone_migrates_like_any_machine(
     tiny_guest: GuestImage, cache_dir: Path, base: Path
 ) -> None:

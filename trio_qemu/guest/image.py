@@ -57,14 +57,26 @@ write-protection of the kernel's read-only data with its W+X page check (``rodat
 ~0.23 s). Together these last three took the guest's uptime at its first shell command from
 3.25 to 3.04 s (medians of 10 alternating boots each)."""
 
-GUEST_ARGS: Final = ("-nodefaults", "-no-reboot", "-cpu", "qemu64,+rdrand")
-"""The extra QEMU arguments :meth:`GuestImage.config` gives: no default devices (they only
-slow the boot), QEMU exits when the guest reboots, powers off or panics, and QEMU's default
-CPU model with ``RDRAND`` added. Without a hardware random source the guest kernel seeds its
-random number generator from timer jitter, which under TCG costs about a second of CPU after
-the shell is up (and in every clone of a template saved before it ended); with ``RDRAND``
-(which TCG answers from the host's ``getrandom``) it is seeded at once. Keep them when
-passing ``args=`` of your own: ``image.config(args=[*GUEST_ARGS, "-nic", "user"])``."""
+GUEST_ARGS: Final = (
+    "-nodefaults", "-no-reboot", "-cpu", "qemu64,+rdrand", "-device", "vmgenid",
+)  # fmt: skip
+"""The extra QEMU arguments :meth:`GuestImage.config` gives:
+
+- ``-nodefaults``: no default devices (they only slow the boot);
+- ``-no-reboot``: QEMU exits when the guest reboots, powers off or panics;
+- ``-cpu qemu64,+rdrand``: QEMU's default CPU model with ``RDRAND``, which TCG answers from
+  the host's ``getrandom``. Without a hardware random source the guest kernel seeds its
+  random number generator from timer jitter, which under TCG costs about a second of CPU
+  after the shell is up (and in every clone of a template saved before it ended); with
+  ``RDRAND`` it is seeded at once;
+- ``-device vmgenid``: a VM generation ID (a GUID of QEMU's own, new in every QEMU process),
+  which QEMU writes anew and announces to the guest when a migration or a clone's restore
+  lands. The guest kernel then reseeds its random number generator at once (``random: crng
+  reseeded due to virtual machine fork``), so clones of one template never share its state.
+  It needs a machine with ACPI (q35, the default, or pc).
+
+Keep them when passing ``args=`` of your own: ``image.config(args=[*GUEST_ARGS, "-nic",
+"user"])``."""
 
 #: Temporary build directories older than this are left-overs of a killed build.
 _STALE_BUILD_SECONDS = 3600.0

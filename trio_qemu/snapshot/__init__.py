@@ -29,7 +29,8 @@ template's pages until they write to them::
   logs, timeouts...); anything the guest would see differently raises
   :class:`TemplateError` naming it, before QEMU starts.
 - After a restore the guest's clock is set to the host's and its RNG re-seeded
-  (``sync_guest``), then :func:`restore`'s ``setup`` command runs, in the same guest
+  (``sync_guest``; a guest with a VM generation ID, as the tiny guest has, also reseeds its
+  RNG itself as it resumes), then :func:`restore`'s ``setup`` command runs, in the same guest
   command. Otherwise the guest keeps the template's MAC address, IP address and host
   name: clones on a network get their own from :mod:`trio_qemu.network` (make the template
   from ``network.attach_template(config)``, attach each ``template.config(name=...)``

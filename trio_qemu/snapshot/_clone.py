@@ -56,7 +56,9 @@ async def restore(
     and the seed, as hex, echoed into ``/dev/urandom``: one command, one process) when the
     config has ``shell``, else through the guest agent (``guest-set-time`` and a write of
     the bytes) when it has ``agent``, else not at all. The clock is then right to about a
-    second.
+    second. A guest with a VM generation ID (``-device vmgenid``, in the tiny guest's
+    :data:`~trio_qemu.guest.GUEST_ARGS`) needs no help for its RNG: QEMU announces a new ID
+    as the restore lands and the guest kernel reseeds at once.
 
     A restore that QEMU cannot do makes the clone's QEMU print why and exit; that exit is
     expected here (not a :class:`~trio_qemu.MachineExited`) and is reported as a
