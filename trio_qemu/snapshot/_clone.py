@@ -26,7 +26,9 @@ RESTORE_TIMEOUT: Final = 60.0
 sync's first shell command, a few hundred under TCG)."""
 
 RNG_SEED_BYTES: Final = 512
-"""Random bytes from the host written into the guest's ``/dev/urandom`` after a restore."""
+"""Random bytes from the host written into the guest's ``/dev/urandom`` after a restore (as
+hex text through the guest shell, as bytes through the guest agent): mixed into the guest's
+entropy pool."""
 
 #: Seconds a clone whose restore failed gets to exit and print why.
 _EXIT_GRACE: Final = 10.0
