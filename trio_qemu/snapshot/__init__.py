@@ -38,12 +38,12 @@ template's pages until they write to them::
   itself after the restore (QEMU's ``announce-rounds`` is set to 0): it would announce the
   template's MAC.
 
-Measured here with ``benchmarks/clone.py`` (QEMU 7.2, TCG, 2 cores shared with other
-work, the tiny guest with 256 MiB): saving takes ~10 ms and writes ~335 KB; a clone is
-running 50-65 ms after launch and answers its first shell command after ~0.3 s (TCG
-translates the guest's code afresh in each process), 13x sooner than a boot; 4 clones at
-once all answer in 1.4-1.7 s, 7-9x sooner than 4 boots; a clone's PSS is ~41 MiB against
-~192 MiB for a booted guest.
+Measured here with ``benchmarks/clone.py`` (QEMU 7.2, TCG, 2 cores, the tiny guest with
+256 MiB): saving takes ~10 ms and writes ~335 KB; a clone is running 60-80 ms after launch
+(QEMU's own start-up of a q35 machine is ~55 ms of it) and answers its first shell command
+after ~0.35-0.4 s (TCG translates the guest's code afresh in each process: ~0.35 CPU-s),
+about 9x sooner than a boot; 8 clones at once all answer in ~2-2.6 s, 8x sooner than 8
+boots; a clone's PSS is ~38 MiB against ~187 MiB for a booted guest.
 """
 
 from .._util import publish as _publish
