@@ -78,8 +78,9 @@ writer() {
                 [ "$2" = 0 ] || base64 "$d/err"
                 printf '#E %s %s\n' "$id" "$rc"
             fi
-            # Marked first: a kill request that comes now is ignored (see K).
-            : >"$d/sent"
+            # Marked once its result is out: a kill request that comes after this is ignored
+            # (see K). "true", not ":", as there: this shell must outlive a failed redirection.
+            true 2>/dev/null >"$d/sent"
             sent="$sent $d" nsent=$((nsent + 1))
             if [ "$nsent" -ge "$REMOVE_EVERY" ]; then
                 rm -rf -- $sent 2>/dev/null
