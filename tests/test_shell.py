@@ -714,8 +714,9 @@ async def test_run_before_the_agent_is_up(vm: Machine) -> None:
 
 
 async def test_finished_runs_are_removed_in_batches(shell: Shell) -> None:
-    """The agent keeps a directory per run; a finished run's is marked sent and removed with
-    others every 32 results (one rm for many), so the directories never pile up."""
+    """The agent keeps a directory per run; a finished run's is marked sent, its files are
+    emptied at once, and it is removed with others every 32 results (one rm for many), so
+    neither the directories nor their data pile up."""
     count = 70
     start = time.monotonic()
     for _ in range(count):
@@ -726,6 +727,12 @@ async def test_finished_runs_are_removed_in_batches(shell: Shell) -> None:
     left = listing.stdout.split()
     # This run's own directory, the ones finished since the last batch, and none older.
     assert 1 <= len(left) <= 32 + 1, left
+    # What a finished run read and printed does not wait for its directory's removal.
+    size = 4 << 20
+    result = await shell.run(f"head -c {size} /dev/zero", stdin=bytes(size), check=True)
+    assert len(result.stdout) == size
+    used = await shell.run("du -sk /run/trio-shell", check=True)
+    assert int(used.stdout.split()[0]) < 1024, used
 
 
 #: A command that kills the guest's shell agent: the agent, its writer and its workers are

@@ -50,10 +50,22 @@ worker() {
 # writer: the only one who writes to the host once started, one reply at a time, so the
 # results of commands that end close together never interleave on the channel. It takes
 # "R ID RC MAX" (a worker's command ended) and "P ID" (a ping) lines from the queue.
-# A run's directory is marked sent (a built-in redirection, no process) once its result is
-# out, and removed with others every REMOVE_EVERY results: one rm for many runs instead of
-# an mv and an rm for each (each process costs milliseconds under TCG).
+# A run's directory is marked sent and its files emptied (finish) as its result goes out,
+# and removed with others every REMOVE_EVERY results: one rm for many runs instead of an mv
+# and an rm for each (each process costs milliseconds under TCG).
 REMOVE_EVERY=32
+
+# finish DIR: a run's result is read; before its last line goes to the host, mark the run
+# sent (a kill request that comes after this is ignored, see K) and empty its files (their
+# data goes now, not with the directory), all with built-in redirections: no process.
+# "true", not ":", as in K: this shell must outlive a failed redirection.
+finish() {
+    true 2>/dev/null >"$1/sent"
+    true 2>/dev/null >"$1/out"
+    true 2>/dev/null >"$1/err"
+    [ ! -e "$1/in" ] || true 2>/dev/null >"$1/in"
+}
+
 writer() {
     sent= nsent=0
     while read -r what id rc max; do
@@ -70,17 +82,16 @@ writer() {
                 set -- 0 0
             fi
             if [ $(($1 + $2)) -gt "$max" ]; then
+                finish "$d"
                 printf '#X %s %s %s %s\n' "$id" "$rc" "$1" "$2"
             else
                 printf '#B %s %s %s %s\n' "$id" "$rc" "$1" "$2"
                 [ "$1" = 0 ] || base64 "$d/out"
                 printf '#M %s\n' "$id"
                 [ "$2" = 0 ] || base64 "$d/err"
+                finish "$d"
                 printf '#E %s %s\n' "$id" "$rc"
             fi
-            # Marked once its result is out: a kill request that comes after this is ignored
-            # (see K). "true", not ":", as there: this shell must outlive a failed redirection.
-            true 2>/dev/null >"$d/sent"
             sent="$sent $d" nsent=$((nsent + 1))
             if [ "$nsent" -ge "$REMOVE_EVERY" ]; then
                 rm -rf -- $sent 2>/dev/null
