@@ -19,7 +19,7 @@ import trio
 
 from ._errors import InvariantViolated, copy_error
 from ._shell_waits import check_wait_args
-from ._util import keyboard_interrupt_in, only_cancelled, protected_asynccontextmanager
+from ._util import open_service_nursery, protected_asynccontextmanager
 
 if TYPE_CHECKING:
     from ._shell import GuestResult, Shell
@@ -176,7 +176,6 @@ class Invariants:
             raise failure
         violation: BaseException | None = None
         body_scope = trio.CancelScope()
-        body_error: BaseException | None = None
 
         async def watch() -> None:
             nonlocal violation
@@ -188,25 +187,12 @@ class Invariants:
                     body_scope.cancel()
                     return
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch)
-                with body_scope:
-                    try:
-                        yield
-                    except BaseException as exc:  # raised below, outside the nursery
-                        body_error = exc
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            interrupt = keyboard_interrupt_in(group)
-            if interrupt is not None:
-                raise interrupt from None
-            raise
-        if body_error is not None:
-            interrupt = keyboard_interrupt_in(body_error)
-            if interrupt is not None:
-                raise interrupt
-            if violation is None or not only_cancelled(body_error):
-                raise body_error
+        # The block's own error wins (a KeyboardInterrupt too); an outer cancellation that
+        # met a violation gives way to it; a violation that only cancelled the block (its
+        # scope caught that) is raised below.
+        async with open_service_nursery(failure=lambda: violation) as nursery:
+            nursery.start_soon(watch)
+            with body_scope:
+                yield
         if violation is not None:
             raise violation
