@@ -29,6 +29,7 @@ import trio
 
 from ._config import MachineConfig, kvm_usable
 from ._errors import LaunchError
+from ._util import ToolResult
 
 __all__ = [
     "KINDS",
@@ -199,20 +200,10 @@ _QUESTIONS: Final = (
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class _Answer:
-    """How one command ended."""
-
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: bytes
-    stderr: bytes
-
-
-def _parse(parse: Callable[[str], _T], answer: _Answer) -> _T:
+def _parse(parse: Callable[[str], _T], answer: ToolResult) -> _T:
     """``answer`` read by ``parse``, or a :class:`LaunchError` naming the command and
     QEMU's output."""
-    output = (answer.stderr + answer.stdout).decode("utf-8", "replace")
+    output = answer.output
     command = " ".join(answer.argv)
     if answer.returncode != 0:
         raise LaunchError(
@@ -232,7 +223,7 @@ def _parse(parse: Callable[[str], _T], answer: _Answer) -> _T:
         ) from None
 
 
-def _capabilities(binary: str, answers: Sequence[_Answer]) -> QemuCapabilities:
+def _capabilities(binary: str, answers: Sequence[ToolResult]) -> QemuCapabilities:
     """The answers to :data:`_QUESTIONS`, in order, read (the first failure raised)."""
     version, machines, devices, accels, netdevs = answers
     return QemuCapabilities(
@@ -323,7 +314,7 @@ async def _kill(process: trio.Process) -> None:
 
 async def _probe(binary: str, timeout: float) -> QemuCapabilities:
     argvs = [(binary, *args) for args in _QUESTIONS]
-    answers: dict[int, _Answer | OSError] = {}
+    answers: dict[int, ToolResult | OSError] = {}
 
     async def ask(index: int) -> None:
         argv = argvs[index]
@@ -340,7 +331,7 @@ async def _probe(binary: str, timeout: float) -> QemuCapabilities:
         except OSError as exc:  # kept, not raised: one error, the first in order, below
             answers[index] = exc
         else:
-            answers[index] = _Answer(argv, done.returncode, done.stdout, done.stderr)
+            answers[index] = ToolResult(argv, done.returncode, done.stdout, done.stderr)
 
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
@@ -393,5 +384,5 @@ def _probe_blocking(binary: str, timeout: float) -> QemuCapabilities:
             raise _timed_out(argv, timeout) from None
         except OSError as exc:
             raise _cannot_run(argv, exc) from exc
-        results.append(_Answer(argv, done.returncode, done.stdout, done.stderr))
+        results.append(ToolResult(argv, done.returncode, done.stdout, done.stderr))
     return _capabilities(binary, results)

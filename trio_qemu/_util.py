@@ -16,6 +16,7 @@ import functools
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Generic, ParamSpec, Self, TypeVar
 
@@ -74,6 +75,22 @@ def keyboard_interrupt_in(exc: BaseException | None) -> KeyboardInterrupt | None
             if found is not None:
                 return found
     return None
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """How a host command (``qemu-img``, ``qemu-io``, a QEMU probe) ended: its command line,
+    exit status and what it wrote."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def output(self) -> str:
+        """stderr then stdout, decoded (for error messages)."""
+        return (self.stderr + self.stdout).decode("utf-8", "replace")
 
 
 class BlockOutcome:

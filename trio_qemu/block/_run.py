@@ -13,11 +13,11 @@ import os
 import subprocess
 from collections import deque
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
 from typing import Final
 
 import trio
 
+from .._util import ToolResult
 from ._errors import ImageError, ImageTimeout
 
 __all__ = ["MAX_OUTPUT", "ToolResult", "run_tool"]
@@ -29,21 +29,6 @@ MAX_OUTPUT: Final = 32 << 20
 #: How much of stderr is kept (its end).
 _STDERR_TAIL: Final = 64 << 10
 _CHUNK: Final = 65536
-
-
-@dataclass(frozen=True)
-class ToolResult:
-    """How a tool run ended: its exit status and what it wrote."""
-
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: bytes
-    stderr: bytes
-
-    @property
-    def output(self) -> str:
-        """stderr then stdout, decoded (for error messages)."""
-        return (self.stderr + self.stdout).decode("utf-8", "replace")
 
 
 class _Tail:
