@@ -50,6 +50,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    BASE_ARGS,
     interleave,
     interleave_note,
     median,
@@ -65,7 +66,6 @@ from trio_qemu.block import Drive
 from trio_qemu.block import images as img
 
 NAME = "block_job"
-ARGS = ["-machine", "none", "-nodefaults", "-display", "none", "-vga", "none", "-accel", "tcg"]
 MIRROR = {"job-id": "m0", "device": "src", "target": "dst", "sync": "full"}
 #: generous: a 256 MiB mirror takes well under a second on an idle machine
 JOB_TIMEOUT = 600.0
@@ -95,7 +95,7 @@ async def _mirror(vm: trio_qemu.Machine) -> None:
 
 async def _trio_many(source: Path, targets: Sequence[Path]) -> float:
     configs = [
-        trio_qemu.MachineConfig(args=ARGS, accel=None, drives=drives(source, target))
+        trio_qemu.MachineConfig(args=BASE_ARGS, accel=None, drives=drives(source, target))
         for target in targets
     ]
     async with trio_qemu.open_machines(*configs) as vms:
@@ -121,7 +121,7 @@ class LegacyVM:
         for drive in drives(source, target):
             blockdevs += ["-blockdev", json.dumps(drive.blockdev_options())]
         argv = [
-            qemu_binary(), *ARGS, *blockdevs,
+            qemu_binary(), *BASE_ARGS, *blockdevs,
             "-chardev", f"socket,id=mon,fd={theirs.fileno()}", "-mon", "chardev=mon,mode=control",
         ]  # fmt: skip
         self.sock = ours
