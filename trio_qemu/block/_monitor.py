@@ -15,8 +15,9 @@ from qemu.qmp import ExecuteError
 
 from .._errors import QMPConnectionClosed
 from .._events import QMPEvent, Subscription
+from ._errors import BlockError
 
-__all__ = ["Monitor", "deadline_after", "error_text", "receive_until"]
+__all__ = ["Monitor", "deadline_after", "error_text", "receive_until", "run_command"]
 
 
 class Monitor(Protocol):
@@ -45,6 +46,23 @@ def error_text(error: ExecuteError) -> str:
         return str(error.error.error.desc)
     except AttributeError:  # pragma: no cover - qemu.qmp always fills it in
         return str(error)
+
+
+async def run_command(
+    vm: Monitor,
+    command: str,
+    arguments: Mapping[str, Any],
+    *,
+    what: str,
+    timeout: float | None = None,
+) -> Any:
+    """Run QMP ``command``; QEMU's refusal becomes a :class:`~trio_qemu.BlockError` saying
+    ``"<machine>: <what> refused: <QEMU's description>"``."""
+    try:
+        return await vm.cmd(command, arguments, timeout=timeout)
+    except ExecuteError as exc:
+        desc = error_text(exc)
+        raise BlockError(f"{vm.name}: {what} refused: {desc}", command=command, desc=desc) from exc
 
 
 def deadline_after(timeout: float | None) -> float:

@@ -18,11 +18,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from qemu.qmp import ExecuteError
-
 from .._events import Subscription
 from ._errors import BlockError, BlockTimeout
-from ._monitor import Monitor, deadline_after, error_text, receive_until
+from ._monitor import Monitor, deadline_after, receive_until, run_command
 from .nodes import DEVICE_TIMEOUT
 
 __all__ = [
@@ -39,15 +37,7 @@ _READ_ONLY_MODES = {None: "retain", True: "read-only", False: "read-write"}
 
 
 async def _command(vm: Monitor, command: str, arguments: Mapping[str, Any]) -> None:
-    try:
-        await vm.cmd(command, arguments)
-    except ExecuteError as exc:
-        desc = error_text(exc)
-        raise BlockError(
-            f"{vm.name}: {command} of {arguments.get('id')!r} refused: {desc}",
-            command=command,
-            desc=desc,
-        ) from exc
+    await run_command(vm, command, arguments, what=f"{command} of {arguments.get('id')!r}")
 
 
 def _is_device(qdev: str, id: str) -> bool:

@@ -18,7 +18,7 @@ from qemu.qmp import ExecuteError
 
 from . import images
 from ._errors import BlockError, BlockTimeout, ImageError
-from ._monitor import Monitor, deadline_after, error_text, receive_until
+from ._monitor import Monitor, deadline_after, error_text, receive_until, run_command
 from .drives import Drive
 
 __all__ = ["DEVICE_TIMEOUT", "blockdev_add", "blockdev_del", "device_add", "device_del"]
@@ -95,15 +95,10 @@ async def blockdev_add(
 
 async def blockdev_del(vm: Monitor, node_name: str, *, timeout: float | None = None) -> None:
     """Remove a node added with ``blockdev-add`` (it must be unused)."""
-    try:
-        await vm.cmd("blockdev-del", {"node-name": node_name}, timeout=timeout)
-    except ExecuteError as exc:
-        desc = error_text(exc)
-        raise BlockError(
-            f"{vm.name}: blockdev-del of node {node_name!r} refused: {desc}",
-            command="blockdev-del",
-            desc=desc,
-        ) from exc
+    await run_command(
+        vm, "blockdev-del", {"node-name": node_name},
+        what=f"blockdev-del of node {node_name!r}", timeout=timeout,
+    )  # fmt: skip
 
 
 async def device_add(
@@ -114,15 +109,10 @@ async def device_add(
     ``props`` are the device's properties as QEMU names them (``drive="n0"``,
     ``bus="trio-scsi.0"``; names with a dash through ``**{"num-queues": 2}``).
     """
-    try:
-        await vm.cmd("device_add", {"driver": driver, "id": id, **props}, timeout=timeout)
-    except ExecuteError as exc:
-        desc = error_text(exc)
-        raise BlockError(
-            f"{vm.name}: device_add {driver} (id {id!r}) refused: {desc}",
-            command="device_add",
-            desc=desc,
-        ) from exc
+    await run_command(
+        vm, "device_add", {"driver": driver, "id": id, **props},
+        what=f"device_add {driver} (id {id!r})", timeout=timeout,
+    )  # fmt: skip
     return id
 
 
@@ -134,13 +124,7 @@ async def device_del(vm: Monitor, id: str, *, timeout: float | None = DEVICE_TIM
     after ``timeout`` seconds, the request staying with the guest).
     """
     with vm.subscribe("DEVICE_DELETED", match={"data": {"device": id}}) as events:
-        try:
-            await vm.cmd("device_del", {"id": id})
-        except ExecuteError as exc:
-            desc = error_text(exc)
-            raise BlockError(
-                f"{vm.name}: device_del of {id!r} refused: {desc}", command="device_del", desc=desc
-            ) from exc
+        await run_command(vm, "device_del", {"id": id}, what=f"device_del of {id!r}")
         deadline = deadline_after(timeout)
         if await receive_until(events, deadline, f"DEVICE_DELETED of {id!r}") is None:
             raise BlockTimeout(
